@@ -1,0 +1,164 @@
+# Static-shape KV caches. Every cache answers one call from the model:
+#   update(layer_id, input_pos [B, T], k [B, Hkv, T, D], v) -> (k_all [B, Hkv, S, D], v_all, mask [B, 1|Hkv, T, S])
+# It writes the new entries, then returns everything the new queries may read with a boolean mask
+# (True = attend). No shape depends on how many tokens a row holds: rows are ragged through masks.
+#
+# Rows never need explicit "lengths" to stay correct: a query at position p reads exactly the keys at
+# positions <= p. Entries beyond a row's committed length (prefill padding, rejected draft tokens)
+# are junk that is always overwritten, by the write of the same position, before any query can
+# reach it. So rollback after a rejected speculation is free: the caller just does not advance.
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def check_fits(nbytes: int, device: torch.device, what: str) -> None:
+    """Refuse an allocation that cannot fit, before trying it."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if nbytes > free:
+        raise MemoryError(f"{what} needs {nbytes:,} bytes ({nbytes / 2**30:.2f} GiB) but only "
+                          f"{free:,} bytes are free on {device}; lower --batch_size or --max_seq_len")
+
+
+class KVCache(nn.Module):
+    """Full cache of the target: k, v [n_layer, B, Hkv, S, D]; position s lives in slot s."""
+
+    def __init__(self, n_layer, batch_size, n_kv_head, max_seq_len, head_dim, dtype, device):
+        super().__init__()
+        shape = (n_layer, batch_size, n_kv_head, max_seq_len, head_dim)
+        check_fits(2 * torch.Size(shape).numel() * dtype.itemsize, device, "the KV cache")
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device))
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device))
+        self.register_buffer("slot_pos", torch.arange(max_seq_len, device=device))
+        self.register_buffer("rows", torch.arange(batch_size, device=device)[:, None])
+        self.max_seq_len = max_seq_len
+
+    def update(self, layer_id, input_pos, k, v):
+        # Positions past the end (padding of the last prefill chunk, a verify block that runs over)
+        # land in the last slot; only queries at or past that position could read it.
+        slot = input_pos.clamp(max=self.max_seq_len - 1)
+        self.k[layer_id][self.rows, :, slot] = k.transpose(1, 2)  # indexed view is [B, T, Hkv, D]
+        self.v[layer_id][self.rows, :, slot] = v.transpose(1, 2)
+        mask = self.slot_pos <= input_pos[:, None, :, None]  # [B, 1, T, S]
+        return self.k[layer_id], self.v[layer_id], mask
+
+
+class DraftCache(nn.Module):
+    """Sparse draft cache, O(draft_budget) in memory and per-step reads, whatever the context length.
+
+    Slots [0, n_keep) are fixed: the StreamingLLM sinks (positions 0..sinks-1) or the SnapKV picks.
+    Slots [n_keep, N) are a ring for the most recent `window` positions; position p always lands in
+    ring slot p % ring, and the ring has gamma + 1 spare slots so the entries of one speculation
+    round never evict positions that a rejection makes current again. A query at position q sees
+    fixed entries at positions <= q and ring entries in (q - window, q]: exactly n_keep + window
+    = draft_budget entries, the same after any rollback.
+    k, v [n_layer, B, Hkv, N, D]; slot_pos [n_layer, B, Hkv, N] holds each entry's absolute position
+    (-1 = empty). Keys keep their absolute RoPE positions, so target keys can be copied in as they are.
+    """
+
+    def __init__(self, kind, n_layer, batch_size, n_kv_head, head_dim, draft_budget, gamma, dtype, device,
+                 sinks=16, recent=0):
+        super().__init__()
+        if kind == "streaming":
+            if draft_budget <= sinks:
+                raise ValueError(f"--draft_budget {draft_budget} must be larger than --sinks {sinks}")
+            self.window = draft_budget - sinks
+        else:  # snapkv: the selected prompt entries plus a ring of the most recent `recent` positions
+            self.window = recent or draft_budget // 2
+            if not 0 < self.window < draft_budget:
+                raise ValueError(f"--draft_budget {draft_budget} must be larger than the SnapKV recent window {self.window}")
+        self.kind = kind
+        self.n_keep = draft_budget - self.window
+        # streaming: positions below n_keep go to slot = position; snapkv: fixed slots are filled once
+        self.n_sink_pos = self.n_keep if kind == "streaming" else 0
+        self.ring = self.window + gamma + 1
+        n_slots = self.n_keep + self.ring
+        shape = (n_layer, batch_size, n_kv_head, n_slots, head_dim)
+        check_fits(2 * torch.Size(shape).numel() * dtype.itemsize, device, "the draft KV cache")
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device))
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device))
+        self.register_buffer("slot_pos", torch.full(shape[:-1], -1, dtype=torch.long, device=device))
+        self.register_buffer("is_fixed", torch.arange(n_slots, device=device) < self.n_keep)
+        self.register_buffer("rows", torch.arange(batch_size, device=device)[:, None])
+
+    def slot_of(self, pos):
+        return torch.where(pos < self.n_sink_pos, pos, self.n_keep + pos % self.ring)
+
+    def write(self, layer_id, input_pos, k, v):
+        slot = self.slot_of(input_pos)  # [B, T]
+        self.k[layer_id][self.rows, :, slot] = k.transpose(1, 2)
+        self.v[layer_id][self.rows, :, slot] = v.transpose(1, 2)
+        self.slot_pos[layer_id][self.rows, :, slot] = input_pos[:, :, None]
+
+    def visible(self, slot_pos, query_pos):
+        """slot_pos [B, Hkv, N], query_pos [B, T] -> [B, Hkv, T, N]"""
+        s, q = slot_pos[:, :, None, :], query_pos[:, None, :, None]
+        return (s >= 0) & (s <= q) & (self.is_fixed | (s > q - self.window))
+
+    def update(self, layer_id, input_pos, k, v):
+        self.write(layer_id, input_pos, k, v)
+        return self.k[layer_id], self.v[layer_id], self.visible(self.slot_pos[layer_id], input_pos)
+
+    def copy_from(self, full: KVCache, pos):
+        """Overwrite the entries at positions pos [B, T] with the full cache's (the target's verified K/V)."""
+        slot = pos.clamp(max=full.max_seq_len - 1)
+        for layer_id in range(self.k.shape[0]):
+            k = full.k[layer_id][self.rows, :, slot].transpose(1, 2)
+            v = full.v[layer_id][self.rows, :, slot].transpose(1, 2)
+            self.write(layer_id, pos, k, v)
+
+    def fill(self, full: KVCache, prompt_lens, scores=None):
+        """Build the draft cache from a full cache holding the prompts (lengths prompt_lens [B]).
+        scores [n_layer, B, Hkv, S] (SnapKV only): observation-window attention to each prefix position."""
+        L, B, H, N, _ = self.k.shape
+        last = (prompt_lens - 1)[:, None]  # [B, 1]
+        r = torch.arange(self.ring, device=last.device)
+        ring_pos = last - (last - r).remainder(self.ring)  # newest position <= last in each ring slot
+        ring_pos = torch.where(ring_pos >= self.n_sink_pos, ring_pos, -1)  # [B, ring]
+        if self.kind == "streaming":
+            sink_pos = torch.arange(self.n_keep, device=last.device).expand(B, -1)
+            keep_pos = torch.where(sink_pos <= last, sink_pos, -1)[None, :, None].expand(L, B, H, -1)
+        else:
+            keep_pos = snapkv_select(scores, prompt_lens, self.n_keep, self.window)
+        pos = torch.cat([keep_pos, ring_pos[None, :, None].expand(L, B, H, -1)], -1)  # [L, B, H, N]
+        idx = pos.clamp(min=0)[..., None].expand(-1, -1, -1, -1, self.k.shape[-1])
+        self.k.copy_(full.k.gather(3, idx))
+        self.v.copy_(full.v.gather(3, idx))
+        self.slot_pos.copy_(pos)
+
+
+def snapkv_select(scores, prompt_lens, n_keep, window, pool_kernel=5):
+    """SnapKV: per layer, row and KV head keep the n_keep positions before the last `window` prompt
+    positions (those go to the ring) that the observation queries attend to most, after average
+    pooling over neighbouring positions. scores [L, B, H, S] -> positions [L, B, H, n_keep] (-1 where the prefix is shorter)."""
+    L, B, H, S = scores.shape
+    pooled = F.avg_pool1d(scores.reshape(-1, 1, S), pool_kernel, stride=1, padding=pool_kernel // 2).view(L, B, H, S)
+    in_prefix = torch.arange(S, device=scores.device) < (prompt_lens - window)[:, None, None]  # [B, 1, S]
+    pooled = pooled.masked_fill(~in_prefix, float("-inf"))
+    top, pos = pooled.topk(min(n_keep, S), dim=-1)
+    pos = torch.where(top > float("-inf"), pos, -1)
+    return F.pad(pos, (0, n_keep - pos.shape[-1]), value=-1)  # a budget beyond the cache keeps everything
+
+
+@torch.no_grad()
+def snapkv_scores(model, cache, tokens, prompt_lens, window=32):
+    """Observation pass: re-run each row's last `window` prompt tokens (rewriting the same K/V) and
+    collect their attention to every cache position, summed over the window's queries and the query
+    heads of each KV group -> [n_layer, B, Hkv, S]. tokens [B, T] right-padded prompts."""
+    pos = (prompt_lens[:, None] - window + torch.arange(window, device=tokens.device)).clamp(min=0)
+    attn = [layer.attention for layer in model.layers]
+    for a in attn:
+        a.capture_scores = True
+    try:
+        model(tokens.gather(1, pos), pos, cache, logits_idx=pos[:, :1] * 0)
+    finally:
+        for a in attn:
+            a.capture_scores = False
+    # rows shorter than the window repeat position 0; they have no prefix to select from anyway
+    return torch.stack([a.scores for a in attn])

@@ -1,0 +1,267 @@
+# Llama-family decoder (Llama 2/3/3.1/3.2, Mistral, Qwen2.5, SmolLM2) in the gpt-fast layout:
+# fused wqkv, interleaved ("Meta") RoPE, caches passed in from outside so that one set of weights
+# can run against the full target cache or a sparse draft cache (self-speculation).
+import json
+import math
+import os
+import pickle
+from dataclasses import dataclass, field, fields
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096
+    n_layer: int = 32
+    n_head: int = 32
+    n_kv_head: int = 32
+    head_dim: int = 0  # 0: dim // n_head
+    intermediate_size: int = 11008
+    vocab_size: int = 32000
+    block_size: int = 4096  # trained context length
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    rope_scaling: Optional[dict] = None  # HF style: {"rope_type": "llama3" | "linear", "factor": ..., ...}
+    qkv_bias: bool = False
+    tie_embeddings: bool = False
+
+    def __post_init__(self):
+        if self.head_dim == 0:
+            self.head_dim = self.dim // self.n_head
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head={self.n_head} is not a multiple of n_kv_head={self.n_kv_head}")
+
+    @classmethod
+    def from_name(cls, name: str) -> "ModelArgs":
+        if name not in CONFIGS:
+            raise ValueError(f"unknown model name {name!r}; known: {', '.join(CONFIGS)}")
+        return cls(**CONFIGS[name])
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict) -> "ModelArgs":
+        # transformers >= 5 nests the RoPE settings under "rope_parameters"
+        rope = cfg.get("rope_parameters") or {}
+        nested = {k: v for k, v in rope.items() if k != "rope_theta"}
+        scaling = cfg.get("rope_scaling") or (nested if rope.get("rope_type", "default") != "default" else None)
+        if scaling is not None and scaling.get("rope_type", scaling.get("type")) in (None, "default"):
+            scaling = None
+        return cls(
+            dim=cfg["hidden_size"],
+            n_layer=cfg["num_hidden_layers"],
+            n_head=cfg["num_attention_heads"],
+            n_kv_head=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+            head_dim=cfg.get("head_dim") or 0,
+            intermediate_size=cfg["intermediate_size"],
+            vocab_size=cfg["vocab_size"],
+            block_size=cfg.get("max_position_embeddings", 4096),
+            rope_base=cfg.get("rope_theta") or rope.get("rope_theta", 10000.0),
+            norm_eps=cfg.get("rms_norm_eps", 1e-5),
+            rope_scaling=scaling,
+            qkv_bias=cfg.get("attention_bias", False) or cfg.get("model_type") == "qwen2",
+            tie_embeddings=cfg.get("tie_word_embeddings", False),
+        )
+
+
+_LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+CONFIGS = {
+    "llama-2-7b": dict(dim=4096, n_layer=32, n_head=32, n_kv_head=32, intermediate_size=11008, vocab_size=32000),
+    "llama-2-7b-32k": dict(dim=4096, n_layer=32, n_head=32, n_kv_head=32, intermediate_size=11008, vocab_size=32000,
+                           block_size=32768, rope_scaling={"rope_type": "linear", "factor": 8.0}),
+    "llama-3-8b": dict(dim=4096, n_layer=32, n_head=32, n_kv_head=8, intermediate_size=14336, vocab_size=128256,
+                       block_size=8192, rope_base=500000.0),
+    "llama-3.1-8b": dict(dim=4096, n_layer=32, n_head=32, n_kv_head=8, intermediate_size=14336, vocab_size=128256,
+                         block_size=131072, rope_base=500000.0, rope_scaling=_LLAMA3_SCALING),
+    "llama-3.1-70b": dict(dim=8192, n_layer=80, n_head=64, n_kv_head=8, intermediate_size=28672, vocab_size=128256,
+                          block_size=131072, rope_base=500000.0, rope_scaling=_LLAMA3_SCALING),
+    "llama-3.2-1b": dict(dim=2048, n_layer=16, n_head=32, n_kv_head=8, intermediate_size=8192, vocab_size=128256,
+                         block_size=131072, rope_base=500000.0, tie_embeddings=True,
+                         rope_scaling=dict(_LLAMA3_SCALING, factor=32.0)),
+    "qwen2.5-7b": dict(dim=3584, n_layer=28, n_head=28, n_kv_head=4, intermediate_size=18944, vocab_size=152064,
+                       block_size=32768, rope_base=1000000.0, norm_eps=1e-6, qkv_bias=True),
+    "mistral-7b": dict(dim=4096, n_layer=32, n_head=32, n_kv_head=8, intermediate_size=14336, vocab_size=32000,
+                       block_size=32768, rope_base=1000000.0),
+    "smollm2-135m": dict(dim=576, n_layer=30, n_head=9, n_kv_head=3, intermediate_size=1536, vocab_size=49152,
+                         block_size=8192, rope_base=100000.0, tie_embeddings=True),
+}
+
+
+def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
+    """Per-pair rotation frequencies [head_dim // 2], with Llama-3.1 or linear context scaling."""
+    inv_freq = 1.0 / (args.rope_base ** (torch.arange(0, args.head_dim, 2, dtype=torch.float64) / args.head_dim))
+    s = args.rope_scaling
+    if s is None:
+        return inv_freq.float()
+    kind = s.get("rope_type", s.get("type"))
+    if kind == "linear":
+        return (inv_freq / s["factor"]).float()
+    if kind == "llama3":
+        old_ctx = s["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old_ctx / s["low_freq_factor"], old_ctx / s["high_freq_factor"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old_ctx / wavelen - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])
+        mid = (1 - smooth) * inv_freq / s["factor"] + smooth * inv_freq
+        out = torch.where(wavelen < high_wavelen, inv_freq, torch.where(wavelen > low_wavelen, inv_freq / s["factor"], mid))
+        return out.float()
+    raise ValueError(f"unsupported rope_scaling type {kind!r}")
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x [B, T, H, D]; cos, sin [B, T, 1, D/2]; pairs (2i, 2i+1) rotate together (interleaved layout)
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).flatten(-2).type_as(x)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """q [B, Hq, T, D], k/v [B, Hkv, S, D], mask [B, 1 or Hkv, T, S] (True = attend) -> [B, Hq, T, D].
+
+    GQA is folded into the query length: the g query heads sharing a KV head become g*T query rows,
+    so each KV head is read once and a one-token decode step is a g-row attention."""
+    B, Hq, T, D = q.shape
+    Hkv = k.shape[1]
+    g = Hq // Hkv
+    q = q.reshape(B, Hkv, g * T, D)
+    mask = mask[:, :, None].expand(-1, -1, g, -1, -1).reshape(B, mask.shape[1], g * T, -1)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return y.view(B, Hq, T, D)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        # n_head / n_kv_head are this process's share of heads; tp.py lowers them when sharding
+        self.n_head, self.n_kv_head, self.head_dim = args.n_head, args.n_kv_head, args.head_dim
+        qkv_out = (args.n_head + 2 * args.n_kv_head) * args.head_dim
+        self.wqkv = nn.Linear(args.dim, qkv_out, bias=args.qkv_bias)
+        self.wo = nn.Linear(args.n_head * args.head_dim, args.dim, bias=False)
+        self.capture_scores = False  # set by the SnapKV observation pass (kv_cache.snapkv_scores)
+        self.scores = None
+
+    def forward(self, x, cos, sin, input_pos, cache, layer_id):
+        B, T, _ = x.shape
+        hd = self.head_dim
+        q, k, v = self.wqkv(x).split([self.n_head * hd, self.n_kv_head * hd, self.n_kv_head * hd], dim=-1)
+        q = apply_rope(q.view(B, T, self.n_head, hd), cos, sin).transpose(1, 2)
+        k = apply_rope(k.view(B, T, self.n_kv_head, hd), cos, sin).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_head, hd).transpose(1, 2)
+        k, v, mask = cache.update(layer_id, input_pos, k, v)
+        if self.capture_scores:
+            self.scores = attention_probs(q, k, mask)
+        y = attend(q, k, v, mask)
+        return self.wo(y.transpose(1, 2).reshape(B, T, self.n_head * hd))
+
+
+def attention_probs(q, k, mask):
+    """Softmax attention weights summed over all queries and the query heads of each KV group:
+    [B, Hkv, S] (fp32). Used once per prompt by SnapKV, never in the decode loop."""
+    B, Hq, T, D = q.shape
+    Hkv = k.shape[1]
+    s = torch.einsum("bkgtd,bksd->bkgts", q.view(B, Hkv, Hq // Hkv, T, D).float(), k.float()) / math.sqrt(D)
+    s = s.masked_fill(~mask[:, :, None], float("-inf")).softmax(-1)
+    return s.sum((2, 3))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.w1 = nn.Linear(args.dim, args.intermediate_size, bias=False)
+        self.w3 = nn.Linear(args.dim, args.intermediate_size, bias=False)
+        self.w2 = nn.Linear(args.intermediate_size, args.dim, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, cos, sin, input_pos, cache, layer_id):
+        h = x + self.attention(self.attention_norm(x), cos, sin, input_pos, cache, layer_id)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layer))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
+
+    def forward(self, tokens, input_pos, cache, logits_idx=None):
+        """tokens, input_pos [B, T] (each row has its own positions); cache: kv_cache.KVCache or a draft
+        cache. logits_idx [B, K]: compute logits only at these positions of each row -> [B, K, V];
+        None -> logits for all T positions."""
+        angles = input_pos[..., None].float() * self.inv_freq  # [B, T, D/2]
+        cos, sin = angles.cos()[:, :, None], angles.sin()[:, :, None]
+        x = self.tok_embeddings(tokens)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, input_pos, cache, i)
+        if logits_idx is not None:
+            x = x.gather(1, logits_idx[..., None].expand(-1, -1, x.shape[-1]))
+        return self.output(self.norm(x)).float()
+
+
+def read_config(checkpoint_dir: str) -> ModelArgs:
+    with open(os.path.join(checkpoint_dir, "config.json")) as f:
+        return ModelArgs.from_hf_config(json.load(f))
+
+
+def load_model(checkpoint_dir: str, device="cpu", dtype=torch.float32) -> Transformer:
+    """Build on the meta device and assign the weights: no second copy of the model in memory.
+    weights_only=True refuses anything but plain tensors (no pickled code)."""
+    path = os.path.join(checkpoint_dir, "model.pth")
+    args = read_config(checkpoint_dir)
+    with torch.device("meta"):
+        model = Transformer(args)
+    try:
+        state = torch.load(path, mmap=True, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError:
+        raise ValueError(f"{path}: refused: holds pickled objects, not just tensors (loaded with weights_only=True)") from None
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}); re-create it") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: expected a dict of tensors")
+    if args.tie_embeddings:
+        state.pop("output.weight", None)
+    expected = {k for k in model.state_dict() if not (args.tie_embeddings and k == "output.weight")}
+    missing, unexpected = expected - state.keys(), state.keys() - expected
+    if missing or unexpected:
+        raise ValueError(f"{path}: state dict does not match config.json "
+                         f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    model.load_state_dict(state, assign=True, strict=False)
+    model.inv_freq = rope_inv_freq(args)  # a non-persistent buffer: still on the meta device
+    if args.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    return place(model, device, dtype)
+
+
+def place(model: Transformer, device, dtype) -> Transformer:
+    """Move to device/dtype; RoPE frequencies stay fp32 (bf16 frequencies put long positions off by radians)."""
+    model = model.to(device=device, dtype=dtype).requires_grad_(False)
+    model.inv_freq = rope_inv_freq(model.args).to(device)
+    return model

@@ -1,0 +1,103 @@
+# Speculative decoding over ragged batches: gamma draft steps against a sparse draft cache, one target
+# forward over gamma + 1 tokens, and exact acceptance (Leviathan et al. 2211.17192; Chen et al.
+# 2302.01318). Every row moves independently and nothing here reads a tensor back to the host.
+#
+# Greedy decoding is the special case where every distribution is one-hot on its argmax: a draft
+# token is then accepted iff it equals the target argmax, and the residual distribution is one-hot
+# on the target argmax. So one verification rule serves greedy and sampling, and greedy results are
+# exact argmaxes, not a low-temperature approximation.
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Sampling:
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1.0: off
+
+
+def logits_to_probs(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
+    """[..., V] fp32 logits -> the distribution tokens are drawn from (temperature, top-k, top-p)."""
+    if s.temperature == 0:
+        return F.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype)
+    logits = logits / s.temperature
+    if s.top_k > 0:
+        kth = logits.topk(min(s.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if s.top_p < 1.0:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        sorted_probs = sorted_logits.softmax(-1)
+        # drop a token when the tokens ranked above it already reach top_p (the first always stays)
+        drop_sorted = sorted_probs.cumsum(-1) - sorted_probs >= s.top_p
+        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+    return logits.softmax(-1)
+
+
+def sample(weights: torch.Tensor) -> torch.Tensor:
+    """One categorical sample per row of non-negative weights [..., V] (need not sum to 1), without a
+    host sync: argmax(w / E) with E ~ Exp(1) picks index i with probability w_i / sum(w)."""
+    noise = torch.empty_like(weights).exponential_(1)
+    return (weights / noise).argmax(-1)
+
+
+def draft_step(draft_model, draft_cache, tokens, input_pos, s: Sampling):
+    """tokens, input_pos [B, T] -> next draft token [B] and its distribution q [B, V]."""
+    q = logits_to_probs(draft_model(tokens, input_pos, draft_cache)[:, -1], s)
+    return sample(q), q
+
+
+def accept(p, q, drafts):
+    """p [B, g+1, V] target, q [B, g, V] draft distributions, drafts [B, g].
+    -> n_accept [B] (leading drafts accepted) and the token that follows them [B]: a sample of
+    normalize(max(0, p - q)) at the first rejection, or of p after the last draft (the bonus)."""
+    B, g, V = q.shape
+    p_draft = p[:, :g].gather(-1, drafts[..., None])[..., 0]
+    q_draft = q.gather(-1, drafts[..., None])[..., 0]
+    accepted = torch.rand_like(p_draft) * q_draft < p_draft  # P = min(1, p/q)
+    n_accept = accepted.int().cumprod(1).sum(1)
+    q_next = torch.cat([q, q.new_zeros(B, 1, V)], 1)  # q = 0 after the last draft: residual = p
+    at = n_accept[:, None, None].expand(-1, 1, V)
+    p_n, q_n = p.gather(1, at)[:, 0], q_next.gather(1, at)[:, 0]
+    residual = (p_n - q_n).clamp(min=0)
+    # p_n == q_n leaves nothing; that draft was then accepted surely, so this only guards rounding
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_n)
+    return n_accept, sample(residual)
+
+
+def verify_step(target, cache, cur, drafts, q, pos, s: Sampling):
+    """Target forward over [cur, drafts] at positions pos .. pos + g, then acceptance.
+    cur, pos [B]; drafts [B, g]; q [B, g, V] -> n_accept [B], next token [B]."""
+    tokens = torch.cat([cur[:, None], drafts], 1)
+    input_pos = pos[:, None] + torch.arange(tokens.shape[1], device=pos.device)
+    p = logits_to_probs(target(tokens, input_pos, cache), s)
+    return accept(p, q, drafts)
+
+
+def speculate_round(target, cache, draft_model, draft_cache, last2, pos, gamma, s: Sampling, refresh: bool):
+    """One round for every row. last2 [B, 2]: the last two tokens of each row, the second (at
+    position pos [B]) not yet in any cache. Returns emitted [B, gamma+1] (the first n_emit of each
+    row are new tokens) and n_emit = n_accept + 1 [B].
+
+    The draft must hold every position < pos before drafting. If the last round accepted all its
+    drafts, the draft never saw the last one: without refresh the first draft step re-feeds the
+    previous token too ([B, 2] at pos-1, pos; rewriting an entry the draft already holds is
+    harmless). With refresh (self-speculation) the target's K/V of the verified tokens are copied
+    into the draft cache after verification, which covers that token and replaces the draft's own
+    sparse-attention K/V with the target's."""
+    tokens = last2[:, 1:] if refresh else last2
+    input_pos = pos[:, None] - tokens.shape[1] + 1 + torch.arange(tokens.shape[1], device=pos.device)
+    drafts, qs = [], []
+    for i in range(gamma):
+        d, q = draft_step(draft_model, draft_cache, tokens, input_pos, s)
+        drafts.append(d)
+        qs.append(q)
+        tokens, input_pos = d[:, None], (pos + i + 1)[:, None]
+    drafts = torch.stack(drafts, 1)
+    n_accept, next_token = verify_step(target, cache, last2[:, 1], drafts, torch.stack(qs, 1), pos, s)
+    if refresh:
+        draft_cache.copy_from(cache, pos[:, None] + torch.arange(gamma + 1, device=pos.device))
+    emitted = torch.cat([drafts, drafts[:, :1]], 1).scatter(1, n_accept[:, None], next_token[:, None])
+    return emitted, n_accept + 1
