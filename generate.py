@@ -15,7 +15,7 @@ import torch
 import spec
 import tp
 from kv_cache import DraftCache, KVCache, check_fits, snapkv_scores
-from model import Transformer, load_model, read_config
+from model import Transformer, flash_attn_with_kvcache, load_model, read_config
 from spec import Sampling, logits_to_probs, sample
 
 DEFAULT_CHECKPOINT = "checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -31,6 +31,9 @@ class SpecArgs:
     snapkv_window: int = 32  # observation window: the prompt's last queries that score the prefix
     snapkv_recent: int = 0  # recent positions the SnapKV draft keeps besides its picks (0: budget // 2)
     refresh: bool = True  # self-speculation: copy the target's verified K/V into the draft cache
+    gamma_max: int = 0  # largest gamma any round may use: sizes the draft ring (0: gamma)
+    adapt_every: int = 0  # > 0: re-choose gamma every this many rounds from the measured acceptance
+    planner: object = None  # costmodel.Planner that re-chooses gamma (with adapt_every)
 
 
 @dataclass
@@ -42,6 +45,7 @@ class Result:
     accepted: int = 0  # accepted draft tokens, over active rows
     evaluated: int = 0  # draft tokens verified up to and including each round's first rejection
     row_rounds: int = 0  # (row, round) pairs with the row still active
+    gammas: list = None  # gamma of each round
 
     @property
     def acceptance(self):  # per-token acceptance rate alpha
@@ -61,6 +65,9 @@ def pad_prompts(prompts, device):
     return tokens, lens
 
 
+static_prefill = False  # set by compile_steps: every prefill chunk then has the one compiled shape
+
+
 def forward_chunk(model, cache, tokens, input_pos, logits_idx):
     return model(tokens, input_pos, cache, logits_idx)
 
@@ -76,7 +83,7 @@ def prefill(model, cache, tokens, prompt_lens, chunk):
     return the logits at each row's last prompt token [B, V]. Every chunk has the same shape; rows
     shorter than the chunk write padding past their end, which later writes overwrite."""
     B, T = tokens.shape
-    chunk = min(chunk, T)
+    chunk = min(chunk, cache.max_seq_len if static_prefill else T)
     tokens = torch.nn.functional.pad(tokens, (0, -T % chunk))
     last = prompt_lens - 1
     logits = None
@@ -90,7 +97,7 @@ def prefill(model, cache, tokens, prompt_lens, chunk):
 
 
 @torch.no_grad()
-def setup_draft(sa: SpecArgs, target, cache, draft_model, tokens, prompt_lens, chunk, max_seq_len):
+def setup_draft(sa: SpecArgs, target, cache, draft_model, tokens, prompt_lens, chunk, max_seq_len, attn="sdpa"):
     """Build the draft's cache from the prompts. Self-speculation compresses the target's full cache;
     a standalone draft prefills its own full cache first (freed unless --draft_kv full)."""
     if sa.mode == "self":
@@ -98,13 +105,14 @@ def setup_draft(sa: SpecArgs, target, cache, draft_model, tokens, prompt_lens, c
     else:
         a = draft_model.args
         full = KVCache(a.n_layer, tokens.shape[0], draft_model.layers[0].attention.n_kv_head, max_seq_len, a.head_dim,
-                       draft_model.tok_embeddings.weight.dtype, tokens.device)
+                       draft_model.tok_embeddings.weight.dtype, tokens.device, attn)
         prefill(draft_model, full, tokens, prompt_lens, chunk)
         if sa.draft_kv == "full":
             return draft_model, full
-    a = draft_model.args
+    a, heads = draft_model.args, draft_model.layers[0].attention
     draft_cache = DraftCache(sa.draft_kv, a.n_layer, tokens.shape[0], full.k.shape[2], a.head_dim, sa.draft_budget,
-                             sa.gamma, full.k.dtype, tokens.device, sinks=sa.sinks, recent=sa.snapkv_recent)
+                             max(sa.gamma, sa.gamma_max), full.k.dtype, tokens.device, sinks=sa.sinks, recent=sa.snapkv_recent,
+                             attn=attn, q_per_kv=heads.n_head // heads.n_kv_head)
     scores = None
     if sa.draft_kv == "snapkv":
         scores = snapkv_scores(draft_model, full, tokens, prompt_lens, sa.snapkv_window)
@@ -119,16 +127,18 @@ def sync(device):
 
 @torch.no_grad()
 def generate(model: Transformer, prompts: list, max_new_tokens: int, eos_ids, s: Sampling, max_seq_len: int,
-             prefill_chunk: int = 512, sa: Optional[SpecArgs] = None, draft_model: Optional[Transformer] = None) -> Result:
+             prefill_chunk: int = 512, sa: Optional[SpecArgs] = None, draft_model: Optional[Transformer] = None,
+             attn: str = "sdpa") -> Result:
     """Generate for a ragged batch of prompts (lists of token ids). Each row stops at its own EOS or
-    after max_new_tokens; finished rows idle (static shapes) without affecting the others."""
+    after max_new_tokens; finished rows idle (static shapes) without affecting the others.
+    attn: attention backend, sdpa | flex | flash (flash: the target's cache; drafts then use SDPA)."""
     device = model.tok_embeddings.weight.device
     sa = sa or SpecArgs()
     a = model.args
     tokens, prompt_lens = pad_prompts(prompts, device)
     B = tokens.shape[0]
     cache = KVCache(a.n_layer, B, model.layers[0].attention.n_kv_head, max_seq_len, a.head_dim,
-                    model.tok_embeddings.weight.dtype, device)
+                    model.tok_embeddings.weight.dtype, device, attn)
     eos = torch.tensor(sorted(eos_ids), device=device)
 
     sync(device)
@@ -136,8 +146,8 @@ def generate(model: Transformer, prompts: list, max_new_tokens: int, eos_ids, s:
     first = sample(logits_to_probs(prefill(model, cache, tokens, prompt_lens, prefill_chunk), s))
     if sa.mode != "none":
         draft_model, draft_cache = setup_draft(sa, model, cache, draft_model, tokens, prompt_lens,
-                                               prefill_chunk, max_seq_len)
-        width = sa.gamma + 1
+                                               prefill_chunk, max_seq_len, attn)
+        width = max(sa.gamma, sa.gamma_max) + 1
     else:
         width = 1
     sync(device)
@@ -151,7 +161,7 @@ def generate(model: Transformer, prompts: list, max_new_tokens: int, eos_ids, s:
     done = torch.isin(first, eos) | (n_gen >= max_new_tokens)
     cols = torch.arange(width, device=device)
     stats = torch.zeros(3, dtype=torch.long, device=device)  # accepted, evaluated, row-rounds
-    rounds = 0
+    rounds, gamma, gammas, seen = 0, sa.gamma, [], stats[:2].clone()
     while not bool(done.all()):  # the one host sync per step/round
         pos = prompt_lens + n_gen - 1
         if sa.mode == "none":
@@ -159,18 +169,25 @@ def generate(model: Transformer, prompts: list, max_new_tokens: int, eos_ids, s:
             n_emit = torch.ones_like(n_gen)
         else:
             emitted, n_emit = spec.speculate_round(model, cache, draft_model, draft_cache, last2, pos,
-                                                   sa.gamma, s, sa.refresh and sa.mode == "self")
+                                                   gamma, s, sa.refresh and sa.mode == "self")
             active = (~done).long()
             n_acc = n_emit - 1
-            stats += torch.stack([n_acc, torch.clamp(n_emit, max=sa.gamma), torch.ones_like(n_acc)]) @ active
+            stats += torch.stack([n_acc, torch.clamp(n_emit, max=gamma), torch.ones_like(n_acc)]) @ active
+            gammas.append(gamma)
         n_emit = torch.where(done, 0, n_emit)
         # a finished row writes past its own end, which the final truncation drops
-        out.scatter_(1, (n_gen[:, None] + cols).clamp(max=out.shape[1] - 1), emitted)
-        hit_eos = (torch.isin(emitted, eos) & (cols < n_emit[:, None])).any(1)
+        c = cols[: emitted.shape[1]]
+        out.scatter_(1, (n_gen[:, None] + c).clamp(max=out.shape[1] - 1), emitted)
+        hit_eos = (torch.isin(emitted, eos) & (c < n_emit[:, None])).any(1)
         last2 = torch.cat([last2, emitted], 1).gather(1, n_emit[:, None] + torch.arange(2, device=device))
         n_gen = n_gen + n_emit
         done = done | hit_eos | (n_gen >= max_new_tokens)
         rounds += 1
+        if sa.adapt_every and rounds % sa.adapt_every == 0:  # one extra host sync every adapt_every rounds
+            acc, ev = (stats[:2] - seen).tolist()
+            seen = stats[:2].clone()
+            if ev:
+                gamma = sa.planner.choose_gamma(acc / ev, sa.draft_budget)[0]
     sync(device)
     t2 = time.perf_counter()
 
@@ -180,12 +197,21 @@ def generate(model: Transformer, prompts: list, max_new_tokens: int, eos_ids, s:
         stop = next((i for i, t in enumerate(row) if t in eos_ids), None)
         rows.append(row if stop is None else row[: stop + 1])
     acc, ev, rr = stats.tolist()
-    return Result(rows, t1 - t0, t2 - t1, rounds, acc, ev, rr)
+    return Result(rows, t1 - t0, t2 - t1, rounds, acc, ev, rr, gammas)
 
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not the usage block
         sys.exit(f"{self.prog}: error: {message} (see --help)")
+
+
+def int_or_auto(text):
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
 
 
 def parse_args(argv=None):
@@ -202,13 +228,20 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode, draft and verify steps and prefill chunks")
+    p.add_argument("--attn", default="sdpa", choices=["sdpa", "flex", "flash"],
+                   help="attention backend; flex and flash read only each row's valid part of the target's cache "
+                        "(flash: needs the flash-attn package, CUDA, fp16/bf16; the draft cache then uses sdpa)")
     p.add_argument("--max_seq_len", type=int, default=0, help="KV cache length per row (default: longest prompt + max_new_tokens)")
     p.add_argument("--prefill_chunk", type=int, default=512, help="prompt tokens per prefill forward")
     p.add_argument("--json", default=None, metavar="PATH", help="write tokens, timings and acceptance here")
     p.add_argument("--speculate", default="none", choices=["none", "self", "draft"])
-    p.add_argument("--gamma", type=int, default=4, help="draft tokens per round")
+    p.add_argument("--gamma", type=int_or_auto, default=4,
+                   help="draft tokens per round; auto: chosen by the cost model (costmodel.py), then re-chosen "
+                        "every --adapt_every rounds from the measured acceptance")
     p.add_argument("--draft_kv", default="streaming", choices=["streaming", "snapkv", "full"])
-    p.add_argument("--draft_budget", type=int, default=256, help="KV entries the draft attends to")
+    p.add_argument("--draft_budget", type=int_or_auto, default=256,
+                   help="KV entries the draft attends to; auto: chosen by the cost model from a prior acceptance")
+    p.add_argument("--adapt_every", type=int, default=8, help="rounds between gamma re-choices with --gamma auto")
     p.add_argument("--sinks", type=int, default=16, help="StreamingLLM sink tokens")
     p.add_argument("--snapkv_window", type=int, default=32, help="SnapKV observation window")
     p.add_argument("--snapkv_recent", type=int, default=0, help="SnapKV recent window kept during decode (0: budget/2)")
@@ -226,10 +259,12 @@ def parse_args(argv=None):
     check(0 < args.top_p <= 1, "--top_p must be in (0, 1]")
     check(args.top_k >= 0 and args.batch_size >= 0 and args.prefill_chunk >= 1, "--top_k, --batch_size >= 0, --prefill_chunk >= 1")
     check(args.prompt or args.prompt_file, "give at least one --prompt or --prompt_file")
-    check(args.gamma >= 1, f"--gamma must be >= 1 (got {args.gamma})")
-    if args.speculate != "none" and args.draft_kv == "streaming":
+    check(args.attn != "flash" or flash_attn_with_kvcache is not None, "--attn flash needs the flash-attn package")
+    check(args.gamma == "auto" or args.gamma >= 1, f"--gamma must be >= 1 or auto (got {args.gamma})")
+    check(args.adapt_every >= 1, "--adapt_every must be >= 1")
+    if args.speculate != "none" and args.draft_kv == "streaming" and args.draft_budget != "auto":
         check(args.draft_budget > args.sinks, f"--draft_budget {args.draft_budget} must be larger than --sinks {args.sinks}")
-    if args.speculate != "none" and args.draft_kv == "snapkv":
+    if args.speculate != "none" and args.draft_kv == "snapkv" and args.draft_budget != "auto":
         recent = args.snapkv_recent or args.draft_budget // 2
         check(0 < recent < args.draft_budget, f"--draft_budget {args.draft_budget} must be larger than --snapkv_recent {recent}")
     check(not (args.speculate == "self" and args.draft_kv == "full"),
@@ -248,9 +283,8 @@ def checkpoint_dir(path, what):
     d = path if os.path.isdir(path) else os.path.dirname(path)
     for f in ("model.pth", "config.json"):
         if not os.path.isfile(os.path.join(d, f)):
-            hint = " (run: python scripts/prepare_smollm2.py)" if os.path.abspath(d) == os.path.abspath(DEFAULT_CHECKPOINT) \
-                else " (convert a HF model with scripts/convert_hf_checkpoint.py)"
-            sys.exit(f"error: {what} {path}: missing {f}{hint}")
+            sys.exit(f"error: {what} {path}: missing {f} (run: python scripts/prepare_smollm2.py for the default "
+                     f"model, or scripts/convert_hf_checkpoint.py for a HF checkpoint)")
     return d
 
 
@@ -258,7 +292,7 @@ def main(argv=None):
     from tokenizer import load_tokenizer
 
     args = parse_args(argv)
-    device = torch.device(args.device)
+    device = tp.rank_device(torch.device(args.device))
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     torch.manual_seed(args.seed)
     rank, world = tp.rank_and_world()
@@ -273,7 +307,7 @@ def main(argv=None):
         ids = tokenizer.encode(text)
         if not ids:
             sys.exit(f"error: prompt {i} is empty")
-        prompts.append(([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + ids)
+        prompts.append(([tokenizer.bos_id] if tokenizer.add_bos and tokenizer.bos_id is not None else []) + ids)
     B = args.batch_size or len(prompts)
     prompts = [prompts[i % len(prompts)] for i in range(B)]
     need = max(map(len, prompts)) + args.max_new_tokens
@@ -288,19 +322,29 @@ def main(argv=None):
         dcfg = read_config(args.draft_checkpoint_path)
         if dcfg.vocab_size != cfg.vocab_size:
             sys.exit(f"error: draft vocabulary ({dcfg.vocab_size}) differs from the target's ({cfg.vocab_size})")
-        tp.check_divisible(dcfg, world)
+        tp.check_divisible(dcfg, world, "draft model")
 
     tp.maybe_init_distributed(device)
-    model = tp.shard(load_model(args.checkpoint_path, device, dtype), rank, world)
+    where = (device, dtype) if world == 1 else ("cpu", None)  # TP: shard before anything reaches the device
+    model = tp.shard(load_model(args.checkpoint_path, *where), device, dtype)
     if args.speculate == "draft":
-        draft_model = tp.shard(load_model(args.draft_checkpoint_path, device, dtype), rank, world)
+        draft_model = tp.shard(load_model(args.draft_checkpoint_path, *where), device, dtype)
     if args.compile:
         compile_steps(device)
 
-    sa = SpecArgs(args.speculate, args.gamma, args.draft_kv, args.draft_budget, args.sinks, args.snapkv_window,
+    gamma, budget, planner = args.gamma, args.draft_budget, None
+    if args.speculate != "none" and "auto" in (gamma, budget):
+        planner, gamma, budget, predicted = choose_speculation(args, model, draft_model, B, max_seq_len,
+                                                               max(map(len, prompts)), dtype, world)
+        say(f"cost model: gamma {gamma}, draft budget {budget}, predicted speedup {predicted:.2f}")
+    sa = SpecArgs(args.speculate, gamma, args.draft_kv, budget, args.sinks, args.snapkv_window,
                   args.snapkv_recent, args.draft_refresh and args.speculate == "self")
+    if args.gamma == "auto":
+        sa.gamma_max, sa.adapt_every, sa.planner = max(planner.gammas), args.adapt_every, planner
     s = Sampling(args.temperature, args.top_k, args.top_p)
-    res = generate(model, prompts, args.max_new_tokens, tokenizer.eos_ids, s, max_seq_len, args.prefill_chunk, sa, draft_model)
+    res = generate(model, prompts, args.max_new_tokens, tokenizer.eos_ids, s, max_seq_len, args.prefill_chunk, sa, draft_model,
+                   args.attn)
+    tp.check_agree(res.tokens)
 
     for i, row in enumerate(res.tokens):
         say(f"--- row {i} ({len(prompts[i])} prompt tokens, {len(row)} generated)\n{tokenizer.decode(row)}")
@@ -310,14 +354,30 @@ def main(argv=None):
         f"({B} rows, {device}, {dtype})")
     if args.speculate != "none":
         say(f"acceptance per draft token {res.acceptance:.3f}, tokens per round {res.tokens_per_round:.2f} "
-            f"(gamma {args.gamma}, {args.draft_kv}, budget {args.draft_budget})")
+            f"(gamma {f'auto, last {res.gammas[-1]}' if args.gamma == 'auto' and res.gammas else gamma}, "
+            f"{args.draft_kv}, budget {budget})")
     if args.json and rank == 0:
         with open(args.json, "w") as f:
             json.dump(dict(tokens=res.tokens, tokens_per_s=tps, prefill_s=res.prefill_s, decode_s=res.decode_s,
                            rounds=res.rounds, acceptance=res.acceptance, tokens_per_round=res.tokens_per_round,
                            device=device_name(device), dtype=str(dtype), world_size=world, batch_size=B,
-                           args=vars(args)), f, indent=1)
+                           gamma_per_round=res.gammas, draft_budget=budget, args=vars(args)), f, indent=1)
     tp.finish()
+
+
+def choose_speculation(args, model, draft_model, batch, max_seq_len, prompt_len, dtype, world):
+    """--gamma/--draft_budget auto -> (planner, gamma, budget, predicted speedup). Every rank must run
+    the same gamma, so rank 0's choice (measured on its device) is the one all ranks use."""
+    import costmodel
+
+    floor = args.sinks if args.draft_kv == "streaming" else args.snapkv_recent
+    budgets = [b for b in costmodel.PRIOR_ACCEPTANCE if b > floor] or [max(costmodel.PRIOR_ACCEPTANCE)]
+    choice = list(costmodel.auto_plan(model.args, batch, max_seq_len, dtype, args.device, args.gamma, args.draft_budget,
+                                      budgets, prompt_len, draft_model.args if draft_model else None,
+                                      args.draft_kv == "full", args.compile))
+    if world > 1:
+        torch.distributed.broadcast_object_list(choice, src=0)
+    return choice
 
 
 def device_name(device):
@@ -327,16 +387,35 @@ def device_name(device):
     return f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
-def compile_steps(device):
-    """Compile the steps with static shapes; on CUDA they also replay as CUDA graphs."""
-    global decode_step, forward_chunk
-    mode = "reduce-overhead" if torch.device(device).type == "cuda" else None
-    opts = dict(mode=mode, fullgraph=True, dynamic=False)
-    decode_step = torch.compile(decode_step, **opts)
-    spec.draft_step = torch.compile(spec.draft_step, **opts)
-    spec.verify_step = torch.compile(spec.verify_step, **opts)
-    forward_chunk = torch.compile(forward_chunk, fullgraph=True, dynamic=False)
+_eager_steps, _compiled_steps = {}, {}
+
+
+def compile_steps(device, enable=True, backend="inductor"):
+    """Swap in torch.compile'd steps, fullgraph with static shapes: the autoregressive decode step, the
+    draft step, the verify step (which also refreshes the draft cache) and the prefill chunk, which
+    then always has its full shape. On CUDA the steps replay as CUDA graphs (prefill is compute
+    bound: plain compile). enable=False swaps the eager steps back; the compiled ones are kept, so
+    enabling again recompiles nothing."""
+    global static_prefill
+    mode = "reduce-overhead" if torch.device(device).type == "cuda" and backend == "inductor" else None
+    here = sys.modules[__name__]
+    for owner, name, m in ((here, "decode_step", mode), (spec, "draft_step", mode), (spec, "verify_step", mode),
+                           (here, "forward_chunk", None)):
+        fn = _eager_steps.setdefault(name, getattr(owner, name))
+        if enable:
+            if (name, m, backend) not in _compiled_steps:
+                _compiled_steps[name, m, backend] = torch.compile(fn, mode=m, backend=backend, fullgraph=True, dynamic=False)
+            fn = _compiled_steps[name, m, backend]
+        setattr(owner, name, fn)
+    static_prefill = enable
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, MemoryError, FileNotFoundError) as e:  # bad checkpoints, budgets, memory: one line
+        tp.fail(f"error: {e}")
+    except SystemExit as e:
+        if isinstance(e.code, str):  # an error message: under torchrun, printed once (by rank 0)
+            tp.fail(e.code)
+        raise

@@ -7,11 +7,34 @@
 # positions <= p. Entries beyond a row's committed length (prefill padding, rejected draft tokens)
 # are junk that is always overwritten, by the write of the same position, before any query can
 # reach it. So rollback after a rejected speculation is free: the caller just does not advance.
+#
+# The mask takes the form the cache's attention backend reads (model.attend dispatches on it):
+# "sdpa" a boolean tensor, "flex" a FlexAttention BlockMask whose mask_mod reads this cache's buffers
+# (query positions written in place each step, so one function object serves every step and the
+# mask is built from tensors inside a compiled graph), "flash" (full cache only) the int32 number of
+# valid keys per row, for flash-attn's KV-cache kernel.
 import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask
+
+FLEX_BLOCK = 128
+
+
+def flex_mask(mask_mod, kv_blocks, kv_indices, q_len, kv_len):
+    """BlockMask reading only the first kv_blocks [B, 1, 1] KV blocks of each row; every read block is
+    masked by mask_mod. Built from tensors (create_block_mask would evaluate mask_mod densely)."""
+    return BlockMask.from_kv_blocks(kv_blocks, kv_indices, BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod,
+                                    seq_lengths=(q_len, kv_len), compute_q_blocks=False)
+
+
+def flex_buffers(module, batch_size, q_cap, kv_len, device):
+    module.register_buffer("q_pos", torch.zeros(batch_size, q_cap, dtype=torch.long, device=device))
+    n = -(-kv_len // FLEX_BLOCK)
+    idx = torch.arange(n, dtype=torch.int32, device=device).expand(batch_size, 1, 1, n).contiguous()
+    module.register_buffer("kv_indices", idx)
 
 
 def check_fits(nbytes: int, device: torch.device, what: str) -> None:
@@ -29,7 +52,7 @@ def check_fits(nbytes: int, device: torch.device, what: str) -> None:
 class KVCache(nn.Module):
     """Full cache of the target: k, v [n_layer, B, Hkv, S, D]; position s lives in slot s."""
 
-    def __init__(self, n_layer, batch_size, n_kv_head, max_seq_len, head_dim, dtype, device):
+    def __init__(self, n_layer, batch_size, n_kv_head, max_seq_len, head_dim, dtype, device, attn="sdpa"):
         super().__init__()
         shape = (n_layer, batch_size, n_kv_head, max_seq_len, head_dim)
         check_fits(2 * torch.Size(shape).numel() * dtype.itemsize, device, "the KV cache")
@@ -38,15 +61,26 @@ class KVCache(nn.Module):
         self.register_buffer("slot_pos", torch.arange(max_seq_len, device=device))
         self.register_buffer("rows", torch.arange(batch_size, device=device)[:, None])
         self.max_seq_len = max_seq_len
+        self.attn = attn
+        if attn == "flex":
+            flex_buffers(self, batch_size, max_seq_len, max_seq_len, device)
+            self.mask_mod = lambda b, h, q, kv: kv <= self.q_pos[b, q]
 
     def update(self, layer_id, input_pos, k, v):
         # Positions past the end (padding of the last prefill chunk, a verify block that runs over)
         # land in the last slot; only queries at or past that position could read it.
-        slot = input_pos.clamp(max=self.max_seq_len - 1)
+        S, T = self.max_seq_len, input_pos.shape[1]
+        slot = input_pos.clamp(max=S - 1)
         self.k[layer_id][self.rows, :, slot] = k.transpose(1, 2)  # indexed view is [B, T, Hkv, D]
         self.v[layer_id][self.rows, :, slot] = v.transpose(1, 2)
-        mask = self.slot_pos <= input_pos[:, None, :, None]  # [B, 1, T, S]
-        return self.k[layer_id], self.v[layer_id], mask
+        k, v = self.k[layer_id], self.v[layer_id]
+        if self.attn == "flex":  # reads the blocks up to each row's last query position, no further
+            self.q_pos[:, :T] = input_pos
+            n = (input_pos.amax(1) // FLEX_BLOCK + 1).clamp(max=self.kv_indices.shape[-1]).int()
+            return k, v, flex_mask(self.mask_mod, n[:, None, None], self.kv_indices, T, S)
+        if self.attn == "flash":  # its causal mask is bottom-right aligned: right for contiguous positions
+            return k, v, (input_pos[:, -1] + 1).clamp(max=S).int()
+        return k, v, self.slot_pos <= input_pos[:, None, :, None]  # [B, 1, T, S]
 
 
 class DraftCache(nn.Module):
@@ -63,7 +97,7 @@ class DraftCache(nn.Module):
     """
 
     def __init__(self, kind, n_layer, batch_size, n_kv_head, head_dim, draft_budget, gamma, dtype, device,
-                 sinks=16, recent=0):
+                 sinks=16, recent=0, attn="sdpa", q_per_kv=1):
         super().__init__()
         if kind == "streaming":
             if draft_budget <= sinks:
@@ -86,6 +120,18 @@ class DraftCache(nn.Module):
         self.register_buffer("slot_pos", torch.full(shape[:-1], -1, dtype=torch.long, device=device))
         self.register_buffer("is_fixed", torch.arange(n_slots, device=device) < self.n_keep)
         self.register_buffer("rows", torch.arange(batch_size, device=device)[:, None])
+        # flash-attn cannot express sinks + window, so only flex replaces SDPA here. All blocks are read
+        # (the cache is the budget); each layer has its own mask_mod, made once, read by compiled steps.
+        self.flex = attn == "flex"
+        if self.flex:
+            flex_buffers(self, batch_size, n_slots, n_slots, device)
+            self.register_buffer("kv_blocks", self.kv_indices.new_full((batch_size, 1, 1), self.kv_indices.shape[-1]))
+            self.mask_mods = [self.flex_mask_mod(layer_id, q_per_kv) for layer_id in range(n_layer)]
+
+    def flex_mask_mod(self, layer_id, q_per_kv):
+        def mask_mod(b, h, q, kv):  # h is a query head
+            return self.sees(self.slot_pos[layer_id, b, h // q_per_kv, kv], self.q_pos[b, q], kv < self.n_keep)
+        return mask_mod
 
     def slot_of(self, pos):
         return torch.where(pos < self.n_sink_pos, pos, self.n_keep + pos % self.ring)
@@ -96,14 +142,23 @@ class DraftCache(nn.Module):
         self.v[layer_id][self.rows, :, slot] = v.transpose(1, 2)
         self.slot_pos[layer_id][self.rows, :, slot] = input_pos[:, :, None]
 
+    def sees(self, s, q, fixed):
+        """Whether a query at position q reads the entry at position s (fixed: in a fixed slot)."""
+        return (s >= 0) & (s <= q) & (fixed | (s > q - self.window))
+
     def visible(self, slot_pos, query_pos):
         """slot_pos [B, Hkv, N], query_pos [B, T] -> [B, Hkv, T, N]"""
-        s, q = slot_pos[:, :, None, :], query_pos[:, None, :, None]
-        return (s >= 0) & (s <= q) & (self.is_fixed | (s > q - self.window))
+        return self.sees(slot_pos[:, :, None, :], query_pos[:, None, :, None], self.is_fixed)
 
     def update(self, layer_id, input_pos, k, v):
         self.write(layer_id, input_pos, k, v)
-        return self.k[layer_id], self.v[layer_id], self.visible(self.slot_pos[layer_id], input_pos)
+        k, v = self.k[layer_id], self.v[layer_id]
+        # outside a compiled step flex would compile once per layer's mask_mod: SDPA computes the same there
+        if self.flex and torch.compiler.is_compiling():
+            T = input_pos.shape[1]
+            self.q_pos[:, :T] = input_pos
+            return k, v, flex_mask(self.mask_mods[layer_id], self.kv_blocks, self.kv_indices, T, k.shape[2])
+        return k, v, self.visible(self.slot_pos[layer_id], input_pos)
 
     def copy_from(self, full: KVCache, pos):
         """Overwrite the entries at positions pos [B, T] with the full cache's (the target's verified K/V)."""
@@ -155,9 +210,13 @@ def snapkv_scores(model, cache, tokens, prompt_lens, window=32):
     attn = [layer.attention for layer in model.layers]
     for a in attn:
         a.capture_scores = True
+    # dense scores need the boolean mask anyway, and rows shorter than the window repeat positions,
+    # which flash-attn's length-based causal mask cannot express
+    backend, cache.attn = cache.attn, "sdpa"
     try:
         model(tokens.gather(1, pos), pos, cache, logits_idx=pos[:, :1] * 0)
     finally:
+        cache.attn = backend
         for a in attn:
             a.capture_scores = False
     # rows shorter than the window repeat position 0; they have no prefix to select from anyway

@@ -1,6 +1,7 @@
 # Llama-family decoder (Llama 2/3/3.1/3.2, Mistral, Qwen2.5, SmolLM2) in the gpt-fast layout:
 # fused wqkv, interleaved ("Meta") RoPE, caches passed in from outside so that one set of weights
 # can run against the full target cache or a sparse draft cache (self-speculation).
+import functools
 import json
 import math
 import os
@@ -11,6 +12,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 
 @dataclass
@@ -116,11 +118,48 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).flatten(-2).type_as(x)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """q [B, Hq, T, D], k/v [B, Hkv, S, D], mask [B, 1 or Hkv, T, S] (True = attend) -> [B, Hq, T, D].
+@functools.cache
+def compiled_flex():
+    # eager flex_attention materialises the whole score matrix; compiled, it is a fused kernel
+    return torch.compile(flex_attention, dynamic=False)
 
-    GQA is folded into the query length: the g query heads sharing a KV head become g*T query rows,
-    so each KV head is read once and a one-token decode step is a g-row attention."""
+
+try:  # optional, CUDA only: flash-attn's KV-cache kernel (untested in this repository's CI)
+    from flash_attn import flash_attn_with_kvcache
+except ImportError:
+    flash_attn_with_kvcache = None
+
+if flash_attn_with_kvcache is not None:
+    # a custom op, so that torch.compile keeps the call in the graph instead of breaking on it
+    @torch.library.custom_op("magicdec::flash_kvcache", mutates_args=())
+    def flash_kvcache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+        # q [B, T, Hq, D]; k, v [B, S, Hkv, D] (strided views of the cache, already written): nothing appended
+        return flash_attn_with_kvcache(q, k, v, cache_seqlens=lens, causal=True)
+
+    @flash_kvcache.register_fake
+    def _(q, k, v, lens):
+        return torch.empty_like(q)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
+    """q [B, Hq, T, D], k/v [B, Hkv, S, D] -> [B, Hq, T, D]. mask, as the cache returns it: boolean
+    [B, 1 or Hkv, T, S] (True = attend) for SDPA; a BlockMask for FlexAttention; int32 valid key counts
+    [B] for flash-attn (the keys of each row are positions 0..n-1, queries the last T of them).
+
+    SDPA: GQA is folded into the query length: the g query heads sharing a KV head become g*T query
+    rows, so each KV head is read once and a one-token decode step is a g-row attention."""
+    if isinstance(mask, BlockMask):
+        if not torch.compiler.is_compiling():
+            return compiled_flex()(q, k, v, block_mask=mask, enable_gqa=True)
+        if k.device.type == "cpu" and (k.storage_offset() or v.storage_offset()):
+            # torch's CPU flex kernel ignores the offset of a view taken inside the graph (a cache layer
+            # past the first): copy. CUDA kernels honour it; this copy is for CPU correctness only.
+            k, v = k.clone(), v.clone()
+        return flex_attention(q, k, v, block_mask=mask, enable_gqa=True)
+    if mask.dtype == torch.int32:
+        if flash_attn_with_kvcache is None:
+            raise RuntimeError("attention backend 'flash' needs the flash-attn package (CUDA)")
+        return flash_kvcache(q.transpose(1, 2).contiguous(), k.transpose(1, 2), v.transpose(1, 2), mask).transpose(1, 2)
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
     g = Hq // Hkv

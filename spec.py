@@ -67,12 +67,15 @@ def accept(p, q, drafts):
     return n_accept, sample(residual)
 
 
-def verify_step(target, cache, cur, drafts, q, pos, s: Sampling):
+def verify_step(target, cache, cur, drafts, q, pos, s: Sampling, draft_cache=None):
     """Target forward over [cur, drafts] at positions pos .. pos + g, then acceptance.
-    cur, pos [B]; drafts [B, g]; q [B, g, V] -> n_accept [B], next token [B]."""
+    cur, pos [B]; drafts [B, g]; q [B, g, V] -> n_accept [B], next token [B].
+    draft_cache: refresh it with the target's K/V of these positions, within the same (compiled) step."""
     tokens = torch.cat([cur[:, None], drafts], 1)
     input_pos = pos[:, None] + torch.arange(tokens.shape[1], device=pos.device)
     p = logits_to_probs(target(tokens, input_pos, cache), s)
+    if draft_cache is not None:
+        draft_cache.copy_from(cache, input_pos)
     return accept(p, q, drafts)
 
 
@@ -87,17 +90,16 @@ def speculate_round(target, cache, draft_model, draft_cache, last2, pos, gamma, 
     harmless). With refresh (self-speculation) the target's K/V of the verified tokens are copied
     into the draft cache after verification, which covers that token and replaces the draft's own
     sparse-attention K/V with the target's."""
+    B = pos.shape[0]
     tokens = last2[:, 1:] if refresh else last2
     input_pos = pos[:, None] - tokens.shape[1] + 1 + torch.arange(tokens.shape[1], device=pos.device)
-    drafts, qs = [], []
+    # each draft step's outputs are copied out at once: a step replayed as a CUDA graph overwrites them
+    drafts = torch.empty(B, gamma, dtype=torch.long, device=pos.device)
+    qs = torch.empty(B, gamma, draft_model.args.vocab_size, dtype=torch.float32, device=pos.device)
     for i in range(gamma):
         d, q = draft_step(draft_model, draft_cache, tokens, input_pos, s)
-        drafts.append(d)
-        qs.append(q)
-        tokens, input_pos = d[:, None], (pos + i + 1)[:, None]
-    drafts = torch.stack(drafts, 1)
-    n_accept, next_token = verify_step(target, cache, last2[:, 1], drafts, torch.stack(qs, 1), pos, s)
-    if refresh:
-        draft_cache.copy_from(cache, pos[:, None] + torch.arange(gamma + 1, device=pos.device))
+        drafts[:, i], qs[:, i] = d, q
+        tokens, input_pos = drafts[:, i : i + 1], (pos + i + 1)[:, None]
+    n_accept, next_token = verify_step(target, cache, last2[:, 1], drafts, qs, pos, s, draft_cache if refresh else None)
     emitted = torch.cat([drafts, drafts[:, :1]], 1).scatter(1, n_accept[:, None], next_token[:, None])
     return emitted, n_accept + 1

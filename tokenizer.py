@@ -19,6 +19,7 @@ LLAMA3_N_SPECIAL = 256
 
 class Tokenizer:
     bos_id: Optional[int]
+    add_bos = True  # whether prompts start with bos_id (SmolLM2's GGUF says no)
     eos_ids: set
     vocab_size: int
 
@@ -77,8 +78,10 @@ def load_byte_bpe(path: str) -> TiktokenTokenizer:
     with open(path) as f:
         spec = json.load(f)
     ranks = {base64.b64decode(k): v for k, v in spec["ranks"].items()}
-    return TiktokenTokenizer(os.path.basename(os.path.dirname(os.path.abspath(path))), spec["pattern"], ranks,
-                             spec["special_tokens"], spec["bos_id"], spec["eos_ids"], spec["vocab_size"])
+    tok = TiktokenTokenizer(os.path.basename(os.path.dirname(os.path.abspath(path))), spec["pattern"], ranks,
+                            spec["special_tokens"], spec["bos_id"], spec["eos_ids"], spec["vocab_size"])
+    tok.add_bos = spec.get("add_bos", False)
+    return tok
 
 
 def load_llama3(path: str) -> TiktokenTokenizer:

@@ -5,28 +5,50 @@
 # so every rank computes the same full-vocabulary logits and, with the same seed, samples the same
 # tokens: argmax and sampling need no extra communication.
 import os
+import sys
+import time
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed import _functional_collectives as funcol  # traceable by torch.compile
 
-from model import ModelArgs, Transformer
+from model import ModelArgs, Transformer, place
 
 
 def rank_and_world():
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def check_divisible(args: ModelArgs, world: int):
+def rank_device(device: torch.device) -> torch.device:
+    """Under torchrun each rank drives its own GPU, the one of its local rank."""
+    if device.type == "cuda" and rank_and_world()[1] > 1:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return device
+
+
+def fail(message: str):
+    """Exit non-zero on every rank with the message printed once, by rank 0. A rank that exited
+    first would get rank 0 killed by torchrun before it printed, so the others wait: at a barrier
+    when a process group exists, else until torchrun stops them once rank 0 has exited."""
+    rank = rank_and_world()[0]
+    if rank == 0:
+        print(message, file=sys.stderr, flush=True)
+    if dist.is_initialized():
+        finish()
+    elif rank > 0:
+        time.sleep(60)
+    sys.exit(1)
+
+
+def check_divisible(args: ModelArgs, world: int, what: str = "model"):
     """Runs on every rank before any process group exists, so a bad world size cannot hang."""
     bad = [f"{name}={n}" for name, n in (("n_head", args.n_head), ("n_kv_head", args.n_kv_head),
                                          ("intermediate_size", args.intermediate_size)) if n % world]
     if bad:
-        if rank_and_world()[0] == 0:
-            print(f"error: world size {world} does not divide {', '.join(bad)}; use a world size that divides "
-                  f"n_kv_head={args.n_kv_head}", flush=True)
-        raise SystemExit(1)
+        fail(f"error: tensor-parallel world size {world} does not divide the {what}'s {', '.join(bad)} "
+             f"(it must divide n_head, n_kv_head and intermediate_size)")
 
 
 def maybe_init_distributed(device: torch.device):
@@ -34,10 +56,13 @@ def maybe_init_distributed(device: torch.device):
     rank, world = rank_and_world()
     if world == 1:
         return 0, 1
+    extra = {}
     if device.type == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+        torch.cuda.set_device(device)
+        extra["device_id"] = device  # binds NCCL to this GPU now, not at the first collective
+    # a rank that dies or diverges leaves the others waiting in a collective for this long
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
-                            timeout=timedelta(minutes=int(os.environ.get("TP_TIMEOUT_MIN", 10))))
+                            timeout=timedelta(minutes=float(os.environ.get("TP_TIMEOUT_MIN", 10))), **extra)
     return rank, world
 
 
@@ -47,9 +72,20 @@ def finish():
         dist.destroy_process_group()
 
 
-def _all_reduce_output(_module, _inputs, output):
-    from torch.distributed import _functional_collectives as funcol  # traceable by torch.compile
+def check_agree(tokens: list):
+    """Ranks sample on their own from logits that should be bitwise equal; if they ever are not,
+    the ranks' outputs silently differ, so compare them once at the end."""
+    if not dist.is_initialized():
+        return
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, tokens)
+    if any(t != tokens for t in every):
+        fail("error: tensor-parallel ranks generated different tokens (their logits differ)")
 
+
+def _all_reduce_output(_module, _inputs, output):
+    # eagerly this is an AsyncCollectiveTensor, which waits for the reduction on its first use
+    # (the residual add); under torch.compile the wait is a node of the graph
     return funcol.all_reduce(output, "sum", dist.group.WORLD)
 
 
@@ -57,7 +93,10 @@ def _take(t: torch.Tensor, dim: int, rank: int, world: int) -> torch.Tensor:
     return t.chunk(world, dim)[rank].clone()  # clone: no view keeps the full tensor alive
 
 
-def shard(model: Transformer, rank: int, world: int) -> Transformer:
+def shard(model: Transformer, device: torch.device, dtype: torch.dtype) -> Transformer:
+    """This rank's shard of a model loaded on the CPU (memory-mapped, in the checkpoint's dtype), placed
+    on device: a device only ever holds its shard, never the full model. Without torchrun: the model."""
+    rank, world = rank_and_world()
     if world == 1:
         return model
     hd = model.args.head_dim
@@ -77,4 +116,5 @@ def shard(model: Transformer, rank: int, world: int) -> Transformer:
             lin.weight = nn.Parameter(_take(lin.weight, dim, rank, world), requires_grad=False)
         attn.wo.register_forward_hook(_all_reduce_output)
         ff.w2.register_forward_hook(_all_reduce_output)
-    return model
+    return place(model, device, dtype)
+

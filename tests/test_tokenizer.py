@@ -106,8 +106,7 @@ def test_tiktoken_backend(tmp_path):
     assert tok.bos_id == n
     assert tok.eos_ids == {n + 1, n + 8, n + 9}  # end_of_text, eom, eot
     assert tok.encode("hello") == [259]
-    assert tok.encode("hello world") == [259, 260, ord("o"), ord("r"), ord("l"), ord("d")] or \
-        tok.encode("hello world") == [259, 260, 261, ord("l"), ord("d")]
+    assert tok.encode("hello world") == [259, 260, 261, ord("l"), ord("d")]
     assert tok.encode("<|begin_of_text|>hi<|eot_id|>") == [n, ord("h"), ord("i"), n + 9]
     assert tok.decode(tok.encode("hello world, 12345")) == "hello world, 12345"
 

@@ -1,0 +1,162 @@
+# Roofline cost model of one forward step and the MagicDec speedup model on top of it, for choosing
+# gamma and the draft budget. Decode is memory-bound, so a step costs the larger of (bytes moved /
+# bandwidth) and (FLOPs / FLOP rate), plus a per-layer launch overhead that neither term explains.
+# The engine's static caches are read in full behind a mask, so "context" below means cache slots
+# (max_seq_len for the target; budget + gamma + 1 for a sparse draft), not the valid length.
+import statistics
+import time
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import torch
+
+from model import ModelArgs
+
+# Rough prior for self-speculation acceptance against the draft budget, shaped after MagicDec's
+# Llama-3.1-8B figures (about 0.8 at budget 512); a measured table (benchmark.py sweep) replaces it.
+PRIOR_ACCEPTANCE = {32: 0.5, 64: 0.6, 128: 0.68, 256: 0.75, 512: 0.8, 1024: 0.84, 2048: 0.88}
+LOGIT_PASSES = 4  # fp32 logits are written, then read again by argmax/softmax and the acceptance test
+
+
+@dataclass
+class Hardware:
+    bandwidth: float  # bytes/s: a large device copy, read + write
+    flops: float  # matmul FLOP/s in the model dtype
+    layer_overhead: float = 0.0  # seconds per layer per forward (kernel launches, Python dispatch)
+
+
+def _median_time(fn, device, repeats):
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    fn()  # the first call pays allocation and kernel selection
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure_hardware(device, dtype, copy_bytes=0, matmul_n=0, repeats=5, ops_per_layer=40) -> Hardware:
+    """Micro-benchmarks: copy bandwidth, matmul FLOP/s, and the latency of a tiny op times the ops a
+    layer launches (about 40 eager; pass fewer for compiled steps, ~0 for CUDA graphs). The default
+    sizes saturate a GPU and take about a second on one CPU core."""
+    cuda = torch.device(device).type == "cuda"
+    copy_bytes = copy_bytes or (1 << 30 if cuda else 128 << 20)
+    matmul_n = matmul_n or (8192 if cuda else 1024)
+    x = torch.empty(copy_bytes // dtype.itemsize, dtype=dtype, device=device)
+    y = torch.empty_like(x)
+    bw = 2 * copy_bytes / _median_time(lambda: y.copy_(x), device, repeats)
+    a = torch.randn(matmul_n, matmul_n, device=device).to(dtype)
+    b = torch.randn(matmul_n, matmul_n, device=device).to(dtype)
+    flops = 2 * matmul_n ** 3 / _median_time(lambda: a @ b, device, repeats)
+    t = torch.zeros(8, device=device)
+    launch = _median_time(lambda: [t.add_(1) for _ in range(200)], device, repeats) / 200
+    return Hardware(bw, flops, launch * ops_per_layer)
+
+
+def weight_bytes(a: ModelArgs, itemsize: int) -> int:
+    """Bytes of the matmul weights one forward reads (the embedding lookup reads only B*T rows)."""
+    return itemsize * _matmul_params(a)
+
+
+def _matmul_params(a: ModelArgs) -> int:  # a tied output matrix is the embedding: read once
+    hd = a.head_dim
+    per_layer = a.dim * (a.n_head + 2 * a.n_kv_head) * hd + a.n_head * hd * a.dim + 3 * a.dim * a.intermediate_size
+    return a.n_layer * per_layer + a.vocab_size * a.dim
+
+
+def kv_bytes(a: ModelArgs, batch: int, slots: int, itemsize: int) -> int:
+    return 2 * a.n_layer * batch * a.n_kv_head * slots * a.head_dim * itemsize
+
+
+def step_cost(a: ModelArgs, batch: int, tokens: int, slots: int, itemsize: int):
+    """(bytes, FLOPs) of one forward of `tokens` new tokens per row against `slots` cache slots."""
+    nbytes = weight_bytes(a, itemsize) + kv_bytes(a, batch, slots, itemsize) \
+        + LOGIT_PASSES * 4 * batch * tokens * a.vocab_size
+    attn = 4 * batch * a.n_head * tokens * slots * a.head_dim * a.n_layer  # QK^T and PV
+    return nbytes, 2 * batch * tokens * _matmul_params(a) + attn
+
+
+def step_time(hw: Hardware, a: ModelArgs, batch: int, tokens: int, slots: int, itemsize: int) -> float:
+    nbytes, flops = step_cost(a, batch, tokens, slots, itemsize)
+    return max(nbytes / hw.bandwidth, flops / hw.flops) + hw.layer_overhead * a.n_layer
+
+
+def fit_overhead(hw: Hardware, samples) -> Hardware:
+    """samples: (ModelArgs, batch, tokens, slots, itemsize, measured seconds). Keeps bandwidth and
+    FLOP/s and sets the per-layer overhead to the median unexplained time (never negative)."""
+    rest = [(t - step_time(replace(hw, layer_overhead=0.0), a, b, n, s, i)) / a.n_layer for a, b, n, s, i, t in samples]
+    return replace(hw, layer_overhead=max(0.0, statistics.median(rest)))
+
+
+def omega(alpha: float, gamma: int) -> float:
+    """Expected tokens per round (accepted drafts + the target's own token) at per-token acceptance alpha."""
+    if alpha >= 1.0:
+        return gamma + 1.0
+    return (1 - alpha ** (gamma + 1)) / (1 - alpha)
+
+
+def speedup(alpha: float, gamma: int, td_tt: float, tv_tt: float) -> float:
+    """SD throughput over autoregressive decoding: Omega / (gamma * T_D/T_T + T_V/T_T)."""
+    return omega(alpha, gamma) / (gamma * td_tt + tv_tt)
+
+
+def prior_acceptance(budget: int, context: int) -> float:
+    """Prior acceptance for a sparse self-speculation draft; a budget covering the context sees it all."""
+    if budget >= context:
+        return 0.99
+    keys = sorted(PRIOR_ACCEPTANCE)
+    below = max([k for k in keys if k <= budget], default=keys[0])
+    return PRIOR_ACCEPTANCE[below]
+
+
+@dataclass
+class Planner:
+    """Chooses gamma (and the draft budget) for one batch size and cache length by predicted speedup."""
+    hw: Hardware
+    target: ModelArgs
+    batch: int
+    slots: int  # target cache slots (max_seq_len)
+    itemsize: int
+    draft: Optional[ModelArgs] = None  # None: self-speculation (the target's weights, a sparse cache)
+    draft_full_cache: bool = False  # a standalone draft reading its own full cache
+    gammas: tuple = tuple(range(1, 9))
+
+    def ratios(self, gamma: int, budget: int):
+        """(T_D/T_T, T_V/T_T) predicted for this gamma and draft budget."""
+        t_t = step_time(self.hw, self.target, self.batch, 1, self.slots, self.itemsize)
+        t_v = step_time(self.hw, self.target, self.batch, gamma + 1, self.slots, self.itemsize)
+        draft_slots = self.slots if self.draft_full_cache else budget + gamma + 1
+        t_d = step_time(self.hw, self.draft or self.target, self.batch, 1, draft_slots, self.itemsize)
+        return t_d / t_t, t_v / t_t
+
+    def choose_gamma(self, alpha: float, budget: int):
+        """-> (gamma, predicted speedup); ties go to the smaller gamma."""
+        best = max(self.gammas, key=lambda g: (round(speedup(alpha, g, *self.ratios(g, budget)), 12), -g))
+        return best, speedup(alpha, best, *self.ratios(best, budget))
+
+    def choose(self, acceptance: dict):
+        """acceptance {budget: alpha} -> (budget, gamma, predicted speedup) maximising the speedup."""
+        options = [(b, *self.choose_gamma(alpha, b)) for b, alpha in sorted(acceptance.items())]
+        return max(options, key=lambda o: o[2])
+
+
+def auto_plan(target: ModelArgs, batch: int, slots: int, dtype, device, gamma, budget, budgets=(), prompt_len=0,
+              draft: Optional[ModelArgs] = None, draft_full_cache=False, compiled=False):
+    """--gamma auto / --draft_budget auto: measure the device, then fill in whichever is "auto" from
+    the prior acceptance (budgets: the candidates). -> (planner, gamma, budget, predicted speedup)."""
+    cuda = torch.device(device).type == "cuda"
+    hw = measure_hardware(device, dtype, ops_per_layer=(1 if cuda else 10) if compiled else 40)
+    p = Planner(hw, target, batch, slots, dtype.itemsize, draft, draft_full_cache)
+    if budget == "auto":
+        table = {b: prior_acceptance(b, prompt_len) for b in budgets}
+        if gamma == "auto":
+            budget = p.choose(table)[0]
+        else:
+            budget = max(budgets, key=lambda b: speedup(table[b], gamma, *p.ratios(gamma, b)))
+    alpha = prior_acceptance(budget, prompt_len)
+    if gamma == "auto":
+        gamma = p.choose_gamma(alpha, budget)[0]
+    return p, gamma, budget, speedup(alpha, gamma, *p.ratios(gamma, budget))

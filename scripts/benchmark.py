@@ -1,0 +1,778 @@
+# Throughput benchmarks. Every size is a flag and the defaults are the full measurements, so pass
+# small ones for a quick check. Each mode writes one JSON (device, date, commit, torch version, every
+# setting) to --json, by default benchmarks/results/<mode>-<time>.json.
+#   ar     autoregressive decode tokens/s: this engine (fp32/bf16, eager/compiled, attention backends) and
+#          transformers generate() on the same model, prompts and greedy settings
+#   sweep  batch x prefix x draft budget x gamma: AR and speculative tokens/s, acceptance, tokens per
+#          round, and measured T_draft/T_target and T_verify/T_target next to the cost model's
+#   gpu    (CUDA) decode bandwidth against copy bandwidth, SD/AR at GPU sizes, 8B-shape step ratios
+#   peer   batch 1: transformers AR and assisted generation (prompt lookup, early exit, an assistant
+#          model) against this engine's AR and speculative decoding
+# Decode is timed apart from prefill everywhere: the engine reports both; for transformers a stopping
+# criterion stamps the clock at each new token, so decode time runs from the first token to the last.
+import argparse
+import contextlib
+import copy
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+import costmodel  # noqa: E402
+import generate as G  # noqa: E402
+import spec  # noqa: E402
+from kv_cache import DraftCache, KVCache  # noqa: E402
+from model import ModelArgs, Transformer, load_model, place  # noqa: E402
+from spec import Sampling  # noqa: E402
+from tokenizer import load_tokenizer  # noqa: E402
+
+NO_EOS = {-1}  # an id no model emits: every row runs to max_new_tokens, like min_new_tokens in transformers
+GREEDY = Sampling()
+# shapes for random-weight runs besides model.CONFIGS; "tiny" is for checking the gpu mode on a CPU
+EXTRA_SHAPES = {"tiny": dict(dim=64, n_layer=2, n_head=4, n_kv_head=2, intermediate_size=128, vocab_size=49152)}
+
+
+# ---------------------------------------------------------------- shared pieces
+
+def ints(text):
+    return [int(x) for x in text.split(",") if x]
+
+
+def strs(text):
+    return [x for x in text.split(",") if x]
+
+
+def git(*cmd):
+    try:
+        return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def environment(device):
+    try:
+        import transformers
+        tf_version = transformers.__version__
+    except ImportError:
+        tf_version = None
+    return dict(device=G.device_name(torch.device(device)), date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                commit=git("rev-parse", "HEAD"), uncommitted_changes=bool(git("status", "--porcelain", "-uno")),
+                torch=torch.__version__, transformers=tf_version, python=platform.python_version(),
+                torch_threads=torch.get_num_threads(), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS"))
+
+
+def write_json(args, results):
+    path = args.json or os.path.join(ROOT, "benchmarks", "results",
+                                     f"{args.mode}-{datetime.datetime.now():%Y%m%d-%H%M%S}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    settings = {k: v for k, v in vars(args).items() if k != "func"}
+    with open(path, "w") as f:
+        json.dump(dict(mode=args.mode, env=environment(args.device), settings=settings, **results), f, indent=1, default=str)
+    print(f"wrote {path}")
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_time(fn, device, warmup=2, repeats=5, inner=1):
+    """Median seconds per call over `repeats` timings of `inner` back-to-back calls."""
+    cuda = torch.device(device).type == "cuda"
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            if cuda:
+                torch.compiler.cudagraph_mark_step_begin()  # previous replay's outputs are not read again
+            fn()
+        sync(device)
+        times.append((time.perf_counter() - t0) / inner)
+    return statistics.median(times)
+
+
+class Essays:
+    """Equal-length prompts from the essays, each row from its own stretch of text."""
+
+    def __init__(self, path, tokenizer):
+        with open(path) as f:
+            self.text = json.load(f)["text"]
+        self.tokenizer = tokenizer
+        self.ids = []
+
+    def prompts(self, batch, prefix):
+        bos = [self.tokenizer.bos_id] if self.tokenizer.bos_id is not None else []
+        n = prefix - len(bos)
+        chars = 6 * batch * n
+        while len(self.ids) < batch * n and len(self.ids) < len(self.text):  # encode only as much as needed
+            self.ids = self.tokenizer.encode(self.text[:chars])
+            if chars >= len(self.text):
+                break
+            chars *= 2
+        if len(self.ids) < batch * n:
+            sys.exit(f"error: the essays hold {len(self.ids)} tokens, fewer than {batch} x {n}")
+        return [bos + self.ids[i * n:(i + 1) * n] for i in range(batch)]
+
+
+ATTN_CHOICES = ["sdpa", "sdpa-math", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "flex", "flash"]
+
+
+def attn_kind(name):
+    """An attention choice -> the caches' backend (sdpa | flex | flash); "sdpa-X" pins SDPA's kernel X."""
+    return name.split("-")[0]
+
+
+def sdpa_kernel_for(name):
+    if "-" not in name:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel({"math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                        "cudnn": SDPBackend.CUDNN_ATTENTION}[name.split("-")[1]])
+
+
+@contextlib.contextmanager
+def engine_steps(compiled, device, attn="sdpa"):
+    """Eager or compiled step functions, with SDPA's kernel pinned for "sdpa-X". generate.compile_steps
+    swaps module globals; they are put back afterwards, and dynamo is reset so that no configuration
+    reuses another's graphs."""
+    saved = [(m, dict(vars(m))) for m in (G, spec)]
+    torch._dynamo.reset()
+    try:
+        if compiled:
+            G.compile_steps(torch.device(device))
+        with sdpa_kernel_for(attn):
+            yield
+    finally:
+        for m, names in saved:
+            for k, v in names.items():
+                if callable(v) and getattr(m, k, None) is not v:
+                    setattr(m, k, v)
+        torch._dynamo.reset()
+
+
+@contextlib.contextmanager
+def reuse_prefill():
+    """Runs with the same model and prompts copy the first run's prefilled K/V instead of recomputing
+    it: only decode is compared, and on a CPU a batch of 4K-token prefills costs more than the decode.
+    Yields a dict of the real prefill times, keyed like the memo."""
+    real, memo, seconds = G.prefill, {}, {}
+
+    def prefill(model, cache, tokens, prompt_lens, chunk):
+        key = (id(model), tuple(tokens.shape), hash(tokens.cpu().numpy().tobytes()), cache.k.dtype)
+        T = tokens.shape[1]
+        if key not in memo:
+            sync(tokens.device)
+            t0 = time.perf_counter()
+            logits = real(model, cache, tokens, prompt_lens, chunk)
+            sync(tokens.device)
+            seconds[key] = time.perf_counter() - t0
+            memo[key] = (cache.k[..., :T, :].clone(), cache.v[..., :T, :].clone(), logits)
+        k, v, logits = memo[key]
+        cache.k[..., :T, :].copy_(k)  # beyond T the cache holds zeros: junk that decode overwrites first
+        cache.v[..., :T, :].copy_(v)
+        return logits.clone()
+
+    G.prefill = prefill
+    try:
+        yield seconds
+    finally:
+        G.prefill = real
+
+
+def raise_recompile_limit(n=64):
+    """One process compiles every batch size, cache length and gamma of a sweep: more graphs than
+    dynamo's default limit, past which it would silently fall back to eager."""
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), n))
+
+
+def decode_tps(r):
+    """Tokens per second of the decode loop: the first token of each row comes from prefill."""
+    return (sum(map(len, r.tokens)) - len(r.tokens)) / r.decode_s
+
+
+def run_engine(model, prompts, n_new, max_seq_len, chunk, attn, sa=None, draft_model=None, repeats=1):
+    """A short warm-up (compiles every shape the run uses), then the median of `repeats` runs."""
+    warm = 2 * ((sa.gamma + 1) if sa and sa.mode != "none" else 1) + 1
+    kw = dict(attn=attn_kind(attn))
+    G.generate(model, prompts, min(n_new, warm), NO_EOS, GREEDY, max_seq_len, chunk, sa, draft_model, **kw)
+    runs = [G.generate(model, prompts, n_new, NO_EOS, GREEDY, max_seq_len, chunk, sa, draft_model, **kw)
+            for _ in range(repeats)]
+    return sorted(runs, key=lambda r: r.decode_s)[len(runs) // 2]
+
+
+def common_prefix(a, b):
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def agreement(rows, ref):
+    """Fraction of rows identical to the reference, and the mean length of the common prefix."""
+    return dict(rows_equal=sum(a == b for a, b in zip(rows, ref)) / len(ref),
+                mean_common_prefix=statistics.mean(common_prefix(a, b) for a, b in zip(rows, ref)))
+
+
+def dtype_of(name):
+    return getattr(torch, name)
+
+
+# ---------------------------------------------------------------- transformers
+
+def load_hf(args, dtype, path=None, gguf=None):
+    from transformers import LlamaForCausalLM
+    path = path or args.checkpoint_path
+    gguf = gguf if gguf is not None else args.hf_gguf
+    kw = dict(gguf_file=gguf) if gguf and os.path.exists(os.path.join(path, gguf)) else {}
+    model = LlamaForCausalLM.from_pretrained(path, dtype=dtype, **kw)
+    return model.to(args.device).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def hf_generate(hf, prompts, n_new, device, subtract=False, **kw):
+    """transformers generate(), greedy, exactly n_new tokens per row. Decode time runs from the first
+    token to the last (clock stamped by a stopping criterion that never stops anything). With subtract,
+    also the time of generate(n_new) minus generate(1), the cruder estimate that needs a second prefill."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    stamps = []
+
+    class Clock(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            sync(device)
+            stamps.append((time.perf_counter(), input_ids.shape[1]))
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    ids = torch.tensor(prompts, device=device)
+
+    def call(n):
+        stamps.clear()
+        sync(device)
+        t0 = time.perf_counter()
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                          pad_token_id=hf.generation_config.eos_token_id, stopping_criteria=StoppingCriteriaList([Clock()]), **kw)
+        sync(device)
+        return out, t0, time.perf_counter() - t0
+
+    out, t0, total = call(n_new)
+    (t_a, n_a), (t_b, n_b) = stamps[0], stamps[-1]
+    rec = dict(total_s=total, first_token_s=t_a - t0, decode_s=t_b - t_a,
+               tokens_per_s=len(prompts) * (n_b - n_a) / max(t_b - t_a, 1e-9),
+               tokens=out[:, ids.shape[1]:].tolist())
+    if subtract:
+        one = call(1)[2]
+        rec["subtract_tokens_per_s"] = len(prompts) * (n_new - 1) / max(total - one, 1e-9)
+    return rec
+
+
+@contextlib.contextmanager
+def assistant_tokens(models, gamma):
+    """Fixed gamma drafts per round for transformers' assisted generation (its defaults: 20 drafts,
+    cut short by a confidence threshold), so that it drafts as many tokens as our runs do."""
+    saved = [(m, copy.deepcopy(m.generation_config)) for m in models]
+    for m in models:
+        m.generation_config.num_assistant_tokens = gamma
+        m.generation_config.num_assistant_tokens_schedule = "constant"
+        m.generation_config.assistant_confidence_threshold = 0.0
+    try:
+        yield
+    finally:
+        for m, cfg in saved:
+            m.generation_config = cfg
+
+
+def hf_warmup(hf, device):
+    hf_generate(hf, [[1, 2, 3, 4]], 2, device)
+
+
+# ---------------------------------------------------------------- step timing and the cost model
+
+def random_model(name, device, dtype):
+    """Random weights of a named shape, built in `dtype` directly (an 8B model never exists in fp32)."""
+    args = ModelArgs(**EXTRA_SHAPES[name]) if name in EXTRA_SHAPES else ModelArgs.from_name(name)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            model = Transformer(args)
+    finally:
+        torch.set_default_dtype(default)
+    model = model.to_empty(device=device)
+    for n, p in model.named_parameters():
+        p.data.fill_(1.0) if n.endswith("norm.weight") else p.data.normal_(0, 0.02)
+    if args.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    return place(model, device, dtype)
+
+
+def new_cache(model, batch, slots, dtype, device, attn="sdpa"):
+    a = model.args
+    return KVCache(a.n_layer, batch, model.layers[0].attention.n_kv_head, slots, a.head_dim, dtype, device, attn_kind(attn))
+
+
+@torch.no_grad()
+def step_times(model, batch, slots, pos, gammas, budgets, dtype, device, draft_model=None, draft_full=False,
+               sinks=16, repeats=5, rounds=True, attn="sdpa"):
+    """Median seconds of one AR target step, one verify step per gamma, one draft step per budget (a
+    StreamingLLM cache: SnapKV has the same shapes) and, with rounds, one whole speculation round per
+    (budget, gamma) (drafts + verify + refreshing the draft cache), at batch `batch` against a target
+    cache of `slots` slots with every row at position `pos`. Cache contents do not change the timings,
+    so the caches are not prefilled."""
+    inner = 1 if torch.device(device).type == "cpu" else 10
+    timed = lambda fn: median_time(fn, device, warmup=2, repeats=repeats, inner=inner)  # noqa: E731
+    cache = new_cache(model, batch, slots, dtype, device, attn)
+    cur = torch.ones(batch, dtype=torch.long, device=device)
+    at = torch.full((batch,), pos, dtype=torch.long, device=device)
+    V = model.args.vocab_size
+    out = dict(t_target=timed(lambda: G.decode_step(model, cache, cur, at, GREEDY)), t_verify={}, t_draft={}, t_round={})
+    for g in gammas:
+        drafts = torch.ones(batch, g, dtype=torch.long, device=device)
+        q = torch.nn.functional.one_hot(drafts, V).float()
+        out["t_verify"][g] = timed(lambda: spec.verify_step(model, cache, cur, drafts, q, at, GREEDY))
+    dm = draft_model or model
+    da = dm.args
+    full = cache if draft_model is None else new_cache(dm, batch, slots, dtype, device, attn)
+    heads = dm.layers[0].attention
+    lens = at + 1
+    last2 = torch.ones(batch, 2, dtype=torch.long, device=device)
+    for b in (["full"] if draft_full else budgets):
+        if b == "full":
+            dc = full
+        else:
+            dc = DraftCache("streaming", da.n_layer, batch, heads.n_kv_head, da.head_dim, b, max(gammas), dtype, device,
+                            sinks=min(sinks, b - 1), attn=attn_kind(attn), q_per_kv=heads.n_head // heads.n_kv_head)
+            dc.fill(full, lens)
+        out["t_draft"][b] = timed(lambda: spec.draft_step(dm, dc, cur[:, None], at[:, None], GREEDY))
+        for g in gammas if rounds else []:
+            out["t_round"][f"{b}/{g}"] = timed(lambda: spec.speculate_round(model, cache, dm, dc, last2, at, g, GREEDY,
+                                                                            draft_model is None))
+        del dc
+    return out
+
+
+def kv_read_slots(attn, pos, max_seq_len):
+    """Cache slots one target step reads: all of them behind SDPA's mask; with FlexAttention only the
+    128-wide blocks up to the query position."""
+    if attn_kind(attn) == "flex":
+        return min(max_seq_len, -(-(pos + 1) // 128) * 128)
+    return max_seq_len
+
+
+def cost_samples(model, draft_model, batch, slots, gammas, st, itemsize):
+    """(ModelArgs, batch, tokens, slots, itemsize, seconds) for costmodel.fit_overhead."""
+    a, da = model.args, (draft_model or model).args
+    s = [(a, batch, 1, slots, itemsize, st["t_target"])]
+    s += [(a, batch, g + 1, slots, itemsize, t) for g, t in st["t_verify"].items()]
+    s += [(da, batch, 1, slots if b == "full" else b + max(gammas) + 1, itemsize, t) for b, t in st["t_draft"].items()]
+    return s
+
+
+# ---------------------------------------------------------------- ar
+
+def mode_ar(args):
+    device = torch.device(args.device)
+    tok = load_tokenizer(args.checkpoint_path)
+    essays = Essays(args.essays, tok)
+    raise_recompile_limit()
+    records, hf_records = [], []
+    for dname in args.dtypes:
+        dtype = dtype_of(dname)
+        model = load_model(args.checkpoint_path, device, dtype)
+        hf = None if args.no_hf else load_hf(args, dtype)
+        if hf is not None:
+            hf_warmup(hf, device)
+        for B in args.batch_sizes:
+            for S in args.prefixes:
+                prompts = essays.prompts(B, S)
+                max_seq = S + args.max_new_tokens
+                ref = None
+                with reuse_prefill() as prefill_s:
+                    for compiled in args.compile_modes:
+                        for attn in args.attns:
+                            with engine_steps(compiled == "compile", device, attn):
+                                r = run_engine(model, prompts, args.max_new_tokens, max_seq, args.prefill_chunk, attn,
+                                               repeats=args.repeats)
+                            ref = ref or r.tokens
+                            rec = dict(dtype=dname, batch_size=B, prefix=S, compile=compiled, attn=attn,
+                                       tokens_per_s=decode_tps(r), decode_s=r.decode_s,
+                                       prefill_s=next(iter(prefill_s.values())), **agreement(r.tokens, ref))
+                            records.append(rec)
+                            print(f"engine {dname} {compiled:7s} {attn:10s} B={B} S={S}: {rec['tokens_per_s']:.2f} tok/s "
+                                  f"(prefill {rec['prefill_s']:.2f} s)", flush=True)
+                if hf is not None:
+                    h = hf_generate(hf, prompts, args.max_new_tokens, device, subtract=args.hf_subtract)
+                    best = max((r for r in records if r["dtype"] == dname and r["batch_size"] == B and r["prefix"] == S),
+                               key=lambda r: r["tokens_per_s"])
+                    hrec = dict(dtype=dname, batch_size=B, prefix=S, engine_best_tokens_per_s=best["tokens_per_s"],
+                                engine_over_hf=best["tokens_per_s"] / h["tokens_per_s"],
+                                **{k: v for k, v in h.items() if k != "tokens"}, **agreement(h["tokens"], ref))
+                    hf_records.append(hrec)
+                    print(f"transformers {dname} B={B} S={S}: {h['tokens_per_s']:.2f} tok/s; engine best / transformers = "
+                          f"{hrec['engine_over_hf']:.2f}; rows equal to the engine's: {hrec['rows_equal']:.2f}", flush=True)
+        del model, hf
+    # the configuration with the best geometric mean over all shapes: the AR baseline for the sweep
+    configs = {}
+    for r in records:
+        configs.setdefault((r["dtype"], r["compile"], r["attn"]), []).append(math.log(r["tokens_per_s"]))
+    best = max(configs, key=lambda k: statistics.mean(configs[k]))
+    recommended = dict(dtype=best[0], compile=best[1] == "compile", attn=best[2])
+    by_dtype = {d: math.exp(statistics.mean(v for (dd, _, _), vs in configs.items() if dd == d for v in vs)) for d in args.dtypes}
+    print(f"fastest engine AR configuration: {recommended}; geometric-mean tok/s by dtype: "
+          + ", ".join(f"{d} {v:.2f}" for d, v in by_dtype.items()))
+    write_json(args, dict(engine=records, transformers=hf_records, recommended=recommended,
+                          geomean_tokens_per_s_by_dtype=by_dtype))
+
+
+# ---------------------------------------------------------------- sweep
+
+def sweep_group(args, model, draft_model, prompts, B, S, dtype, device, hw):
+    """AR and every speculative configuration at one batch size and prefix length (prefill reused)."""
+    gmax = max(args.gammas)
+    max_seq = S + args.max_new_tokens + gmax + 1  # the same cache for AR and SD: same attention cost
+    itemsize = dtype.itemsize
+    read = kv_read_slots(args.attn, S + args.max_new_tokens // 2, max_seq)  # at the middle of the run
+    with reuse_prefill() as prefill_s:
+        ar = run_engine(model, prompts, args.max_new_tokens, max_seq, args.prefill_chunk, args.attn, repeats=args.repeats)
+        ar_tps = decode_tps(ar)
+        print(f"AR B={B} S={S}: {ar_tps:.2f} tok/s", flush=True)
+        modes = ["self"] + (["draft"] if draft_model is not None else [])
+        steps, samples = {}, []
+        for mode in modes:
+            dm = draft_model if mode == "draft" else None
+            has_full = mode == "draft" and "full" in args.draft_kv
+            st = step_times(model, B, max_seq, S + args.max_new_tokens // 2, args.gammas, args.budgets, dtype, device,
+                            dm, False, args.sinks, args.step_repeats, not args.no_round_timing, args.attn)
+            if has_full:
+                st["t_draft"]["full"] = step_times(model, B, max_seq, S, [1], [], dtype, device, dm, True, args.sinks,
+                                                   args.step_repeats, False, args.attn)["t_draft"]["full"]
+            steps[mode] = st
+            samples += cost_samples(model, dm, B, read, args.gammas, st, itemsize)
+        sd = []
+        for mode in modes:
+            st = steps[mode]
+            kinds = [k for k in args.draft_kv if mode == "draft" or k != "full"]
+            for kind in kinds:
+                for budget in ([0] if kind == "full" else args.budgets):
+                    for gamma in args.gammas:
+                        sa = G.SpecArgs(mode, gamma, kind, budget or 256, args.sinks, args.snapkv_window,
+                                        args.snapkv_recent, refresh=mode == "self")
+                        r = run_engine(model, prompts, args.max_new_tokens, max_seq, args.prefill_chunk, args.attn, sa,
+                                       draft_model if mode == "draft" else None, args.repeats)
+                        tps = decode_tps(r)
+                        td = st["t_draft"]["full" if kind == "full" else budget] / st["t_target"]
+                        tv = st["t_verify"][gamma] / st["t_target"]
+                        rnd = st["t_round"].get(f"{budget}/{gamma}")
+                        rec = dict(batch_size=B, prefix=S, speculate=mode, draft_kv=kind, budget=budget or None,
+                                   gamma=gamma, tokens_per_s=tps, speedup=tps / ar_tps, acceptance=r.acceptance,
+                                   tokens_per_round=r.tokens_per_round, rounds=r.rounds, **agreement(r.tokens, ar.tokens),
+                                   t_draft_over_t_target=td, t_verify_over_t_target=tv,
+                                   t_round_over_t_target=rnd / st["t_target"] if rnd else None,
+                                   predicted_speedup=costmodel.speedup(r.acceptance, gamma, td, tv), max_seq_len=max_seq,
+                                   kv_slots_read=read)
+                        sd.append(rec)
+                        print(f"  {mode} {kind:9s} budget={budget:<5d} gamma={gamma}: {tps:.2f} tok/s, speedup "
+                              f"{rec['speedup']:.2f} (from measured ratios {rec['predicted_speedup']:.2f}), "
+                              f"alpha {r.acceptance:.3f}, {r.tokens_per_round:.2f} tok/round, T_D/T_T {td:.3f}, "
+                              f"T_V/T_T {tv:.3f}, rows equal to AR {rec['rows_equal']:.2f}", flush=True)
+    ar_rec = dict(batch_size=B, prefix=S, tokens_per_s=ar_tps, decode_s=ar.decode_s, prefill_s=next(iter(prefill_s.values())),
+                  max_seq_len=max_seq, t_target_s={m: st["t_target"] for m, st in steps.items()})
+    step_rec = dict(batch_size=B, prefix=S, max_seq_len=max_seq, **{m: st for m, st in steps.items()})
+    return ar_rec, sd, step_rec, samples
+
+
+def planner_for(rec, hw, model, draft_model, itemsize, gammas=tuple(range(1, 9))):
+    return costmodel.Planner(hw, model.args, rec["batch_size"], rec["kv_slots_read"], itemsize,
+                             draft_model.args if rec["speculate"] == "draft" else None, rec["draft_kv"] == "full", gammas)
+
+
+def add_model_predictions(sd, hw, model, draft_model, itemsize):
+    """The cost model's ratios and speedup (at the measured acceptance) next to each measured run."""
+    for r in sd:
+        td, tv = planner_for(r, hw, model, draft_model, itemsize).ratios(r["gamma"], r["budget"] or 0)
+        r.update(model_t_draft_over_t_target=td, model_t_verify_over_t_target=tv,
+                 model_speedup=costmodel.speedup(r["acceptance"], r["gamma"], td, tv))
+
+
+def choices_vs_measured(sd, hw_fit, model, draft_model, itemsize):
+    """Per (batch, prefix, mode, kind, budget): the gamma the cost model picks at the measured
+    acceptance next to the gamma that measured fastest."""
+    out = []
+    groups = {}
+    for r in sd:
+        groups.setdefault((r["batch_size"], r["prefix"], r["speculate"], r["draft_kv"], r["budget"]), []).append(r)
+    for (B, S, mode, kind, budget), rs in groups.items():
+        alpha = statistics.mean(r["acceptance"] for r in rs)
+        p = planner_for(rs[0], hw_fit, model, draft_model, itemsize, tuple(sorted(r["gamma"] for r in rs)))
+        g, pred = p.choose_gamma(alpha, budget or 0)
+        best = max(rs, key=lambda r: r["tokens_per_s"])
+        out.append(dict(batch_size=B, prefix=S, speculate=mode, draft_kv=kind, budget=budget, acceptance=alpha,
+                        model_gamma=g, model_speedup=pred, measured_best_gamma=best["gamma"], measured_best_speedup=best["speedup"],
+                        measured_speedup_at_model_gamma=next(r["speedup"] for r in rs if r["gamma"] == g)))
+    return out
+
+
+def apply_baseline(args):
+    """--baseline_from an ar JSON: use its fastest configuration for AR and SD alike."""
+    if args.baseline_from:
+        with open(args.baseline_from) as f:
+            rec = json.load(f)["recommended"]
+        args.dtype, args.compile, args.attn = rec["dtype"], rec["compile"], rec["attn"]
+        print(f"baseline from {args.baseline_from}: {rec}")
+
+
+def mode_sweep(args):
+    apply_baseline(args)
+    device, dtype = torch.device(args.device), dtype_of(args.dtype)
+    raise_recompile_limit(256)
+    tok = load_tokenizer(args.checkpoint_path)
+    essays = Essays(args.essays, tok)
+    model = load_model(args.checkpoint_path, device, dtype)
+    draft_model = load_model(args.draft_checkpoint_path, device, dtype) if args.draft_checkpoint_path else None
+    hw = costmodel.measure_hardware(device, dtype, ops_per_layer=10 if args.compile else 40)
+    ar, sd, steps, samples = [], [], [], []
+    with engine_steps(args.compile, device, args.attn):
+        for B in args.batch_sizes:
+            for S in args.prefixes:
+                a, s, st, sm = sweep_group(args, model, draft_model, essays.prompts(B, S), B, S, dtype, device, hw)
+                ar.append(a)
+                sd += s
+                steps.append(st)
+                samples += sm
+    hw_fit = costmodel.fit_overhead(hw, samples)
+    add_model_predictions(sd, hw_fit, model, draft_model, dtype.itemsize)
+    choices = choices_vs_measured(sd, hw_fit, model, draft_model, dtype.itemsize)
+    for c in choices:
+        print(f"B={c['batch_size']} S={c['prefix']} {c['speculate']} {c['draft_kv']} budget={c['budget']}: cost model "
+              f"gamma {c['model_gamma']} (speedup {c['measured_speedup_at_model_gamma']:.2f}), measured best gamma "
+              f"{c['measured_best_gamma']} ({c['measured_best_speedup']:.2f})")
+    write_json(args, dict(ar=ar, sd=sd, steps=steps, gamma_choices=choices,
+                          costmodel=dict(measured=vars(hw), fitted=vars(hw_fit))))
+
+
+# ---------------------------------------------------------------- gpu
+
+def parse_cases(text):
+    """"name:BxS,..." -> [(name, B, S)]"""
+    out = []
+    for case in strs(text):
+        name, shape = case.split(":")
+        B, S = shape.lower().split("x")
+        out.append((name, int(B), int(S)))
+    return out
+
+
+def mode_gpu(args):
+    device = torch.device(args.device)
+    if device.type != "cuda" and not args.smoke:
+        sys.exit("error: the gpu mode needs a CUDA device (--smoke runs its code on any device, for checking)")
+    dtype = dtype_of(args.dtype)
+    raise_recompile_limit(256)
+    hw = costmodel.measure_hardware(device, dtype, ops_per_layer=1 if args.compile else 40)
+    print(f"copy bandwidth {hw.bandwidth / 1e9:.1f} GB/s, matmul {hw.flops / 1e12:.1f} TFLOP/s", flush=True)
+    models = {}
+
+    def get(name):
+        if name not in models:
+            models.clear()  # one model resident at a time: an 8B model and its caches fill most of a GPU
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            models[name] = load_model(args.checkpoint_path, device, dtype) if name == "smollm2" else random_model(name, device, dtype)
+        return models[name]
+
+    bandwidth, ratios, sd_ar = [], [], []
+    with engine_steps(args.compile, device, args.attn):
+        for name, B, S in parse_cases(args.ar_cases):
+            model = get(name)
+            cache = new_cache(model, B, S + 1, dtype, device, args.attn)  # valid length S + 1 = the whole cache
+            cur = torch.ones(B, dtype=torch.long, device=device)
+            at = torch.full((B,), S, dtype=torch.long, device=device)
+            t = median_time(lambda: G.decode_step(model, cache, cur, at, GREEDY), device, 3, args.step_repeats,
+                            1 if device.type == "cpu" else 20)
+            w, kv = costmodel.weight_bytes(model.args, dtype.itemsize), costmodel.kv_bytes(model.args, B, S + 1, dtype.itemsize)
+            rec = dict(model=name, batch_size=B, context=S, step_s=t, weight_bytes=w, kv_bytes=kv,
+                       bandwidth=(w + kv) / t, fraction_of_copy=(w + kv) / t / hw.bandwidth,
+                       tokens_per_s=B / t, model_step_s=costmodel.step_time(hw, model.args, B, 1, S + 1, dtype.itemsize))
+            bandwidth.append(rec)
+            print(f"AR {name} B={B} S={S}: {t * 1e3:.3f} ms/step, {rec['bandwidth'] / 1e9:.1f} GB/s = "
+                  f"{rec['fraction_of_copy']:.2f} of copy bandwidth", flush=True)
+            del cache
+        for name, B, S in parse_cases(args.ratio_cases):
+            model = get(name)
+            st = step_times(model, B, S + max(args.ratio_gammas) + 1, S, args.ratio_gammas, args.ratio_budgets, dtype,
+                            device, None, False, args.sinks, args.step_repeats, False, args.attn)
+            p = costmodel.Planner(hw, model.args, B, kv_read_slots(args.attn, S, S + max(args.ratio_gammas) + 1), dtype.itemsize)
+            rec = dict(model=name, batch_size=B, context=S, t_target_s=st["t_target"],
+                       t_verify_over_t_target={g: t / st["t_target"] for g, t in st["t_verify"].items()},
+                       t_draft_over_t_target={b: t / st["t_target"] for b, t in st["t_draft"].items()},
+                       model_ratios={f"{b}/{g}": p.ratios(g, b) for b in args.ratio_budgets for g in args.ratio_gammas})
+            ratios.append(rec)
+            print(f"ratios {name} B={B} S={S}: T_V/T_T {rec['t_verify_over_t_target']}, T_D/T_T {rec['t_draft_over_t_target']}",
+                  flush=True)
+        models.clear()
+        if args.sd_batch_sizes:
+            model = get("smollm2")
+            essays = Essays(args.essays, load_tokenizer(args.checkpoint_path))
+            for B in args.sd_batch_sizes:
+                for S in args.sd_prefixes:
+                    a, s, st, _ = sweep_group(args, model, None, essays.prompts(B, S), B, S, dtype, device, hw)
+                    add_model_predictions(s, hw, model, None, dtype.itemsize)
+                    sd_ar.append(dict(ar=a, sd=s, steps=st))
+    write_json(args, dict(copy_bandwidth=hw.bandwidth, matmul_flops=hw.flops, ar_bandwidth=bandwidth,
+                          step_ratios=ratios, sd_vs_ar=sd_ar))
+
+
+# ---------------------------------------------------------------- peer
+
+def mode_peer(args):
+    apply_baseline(args)
+    device, dtype = torch.device(args.device), dtype_of(args.dtype)
+    raise_recompile_limit(256)
+    essays = Essays(args.essays, load_tokenizer(args.checkpoint_path))
+    model = load_model(args.checkpoint_path, device, dtype)
+    hf = load_hf(args, dtype)
+    assistant = load_hf(args, dtype, args.hf_assistant, args.hf_assistant_gguf) if args.hf_assistant else None
+    hf_warmup(hf, device)
+    results = []
+    N = args.max_new_tokens
+    for S in args.prefixes:
+        prompts = essays.prompts(1, S)  # transformers' assisted generation takes one row
+        max_seq = S + N + max(args.gammas) + 1
+
+        def add(system, method, tps, tokens, ref, **extra):
+            results.append(dict(prefix=S, system=system, method=method, tokens_per_s=tps, **extra, **agreement(tokens, ref)))
+            print(f"S={S} {system:12s} {method:28s} {tps:8.2f} tok/s  {extra}", flush=True)
+
+        with engine_steps(args.compile, device, args.attn), reuse_prefill():
+            ar = run_engine(model, prompts, N, max_seq, args.prefill_chunk, args.attn, repeats=args.repeats)
+            add("engine", "ar", decode_tps(ar), ar.tokens, ar.tokens)
+            for kind in args.draft_kv:
+                for budget in args.budgets:
+                    for gamma in args.gammas:
+                        sa = G.SpecArgs("self", gamma, kind, budget, args.sinks, args.snapkv_window, args.snapkv_recent)
+                        r = run_engine(model, prompts, N, max_seq, args.prefill_chunk, args.attn, sa, repeats=args.repeats)
+                        add("engine", f"self-spec {kind} b{budget} g{gamma}", decode_tps(r), r.tokens, ar.tokens,
+                            acceptance=r.acceptance, tokens_per_round=r.tokens_per_round)
+        h = hf_generate(hf, prompts, N, device)
+        add("transformers", "ar", h["tokens_per_s"], h["tokens"], ar.tokens)
+        for gamma in args.gammas:
+            with assistant_tokens([hf], gamma):
+                r = hf_generate(hf, prompts, N, device, prompt_lookup_num_tokens=gamma)
+                add("transformers", f"prompt lookup g{gamma}", r["tokens_per_s"], r["tokens"], ar.tokens)
+                for layers in args.early_exit:
+                    r = hf_generate(hf, prompts, N, device, assistant_early_exit=layers)
+                    add("transformers", f"early exit L{layers} g{gamma}", r["tokens_per_s"], r["tokens"], ar.tokens)
+            if assistant is not None:
+                with assistant_tokens([hf, assistant], gamma):
+                    r = hf_generate(hf, prompts, N, device, assistant_model=assistant)
+                    add("transformers", f"assistant model g{gamma}", r["tokens_per_s"], r["tokens"], ar.tokens)
+    summary = []
+    for S in args.prefixes:
+        rs = [r for r in results if r["prefix"] == S]
+        own_ar = {sys_: next(r["tokens_per_s"] for r in rs if r["system"] == sys_ and r["method"] == "ar")
+                  for sys_ in ("engine", "transformers")}
+        for r in rs:
+            r["speedup_over_own_ar"] = r["tokens_per_s"] / own_ar[r["system"]]
+            r["over_transformers_ar"] = r["tokens_per_s"] / own_ar["transformers"]
+        best = {sys_: max((r for r in rs if r["system"] == sys_ and r["method"] != "ar"), key=lambda r: r["tokens_per_s"],
+                          default=None) for sys_ in ("engine", "transformers")}
+        line = dict(prefix=S, engine_ar_over_transformers_ar=own_ar["engine"] / own_ar["transformers"])
+        if best["engine"] and best["transformers"]:
+            line.update(best_engine_spec=best["engine"]["method"], best_transformers_assisted=best["transformers"]["method"],
+                        best_engine_spec_over_best_transformers_assisted=best["engine"]["tokens_per_s"] / best["transformers"]["tokens_per_s"])
+        summary.append(line)
+        print(line)
+    write_json(args, dict(results=results, summary=summary))
+
+
+# ---------------------------------------------------------------- command line
+
+def main(argv=None):
+    cpu = not torch.cuda.is_available()
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--checkpoint_path", default=os.path.join(ROOT, G.DEFAULT_CHECKPOINT))
+    common.add_argument("--device", default="cpu" if cpu else "cuda")
+    common.add_argument("--essays", default=os.path.join(ROOT, "..", "shared", "data", "PaulGrahamEssays.json"))
+    common.add_argument("--json", default=None, help="output path (default: benchmarks/results/<mode>-<time>.json)")
+    common.add_argument("--max_new_tokens", type=int, default=64, help="tokens per row (no EOS stop)")
+    common.add_argument("--repeats", type=int, default=1, help="timed generate() runs per configuration (median)")
+    common.add_argument("--prefill_chunk", type=int, default=512)
+    common.add_argument("--sinks", type=int, default=16)
+    common.add_argument("--snapkv_window", type=int, default=32)
+    common.add_argument("--snapkv_recent", type=int, default=0)
+    common.add_argument("--hf_gguf", default="SmolLM2-135M-Instruct.Q4_1.gguf",
+                        help="GGUF file in the checkpoint directory that transformers loads (else a HF model dir)")
+    engine = argparse.ArgumentParser(add_help=False)
+    engine.add_argument("--dtype", default="float32" if cpu else "bfloat16", choices=["float32", "bfloat16", "float16"])
+    engine.add_argument("--compile", action=argparse.BooleanOptionalAction, default=not cpu)
+    engine.add_argument("--attn", default="sdpa", choices=ATTN_CHOICES,
+                        help="attention backend (generate.py --attn); sdpa-X pins SDPA's kernel X")
+    engine.add_argument("--baseline_from", default=None, help="an ar-mode JSON: take dtype, compile and attn from its fastest")
+
+    p = argparse.ArgumentParser(description="Throughput benchmarks: ar, sweep, gpu, peer (see the top of this file).")
+    sub = p.add_subparsers(dest="mode", required=True)
+    a = sub.add_parser("ar", parents=[common], help="AR decode: engine configurations and transformers")
+    a.add_argument("--batch_sizes", type=ints, default=[1, 8])
+    a.add_argument("--prefixes", type=ints, default=[512, 4096])
+    a.add_argument("--dtypes", type=strs, default=["float32", "bfloat16"])
+    a.add_argument("--compile_modes", type=strs, default=["eager", "compile"])
+    a.add_argument("--attns", type=strs, default=["sdpa", "sdpa-math", "flex"],
+                   help=f"attention backends for this engine, from {', '.join(ATTN_CHOICES)}")
+    a.add_argument("--no_hf", action="store_true", help="skip transformers")
+    a.add_argument("--hf_subtract", action="store_true", help="also time transformers by generate(N) - generate(1)")
+    a.set_defaults(func=mode_ar)
+
+    s = sub.add_parser("sweep", parents=[common, engine], help="batch x prefix x budget x gamma, AR and SD")
+    s.add_argument("--batch_sizes", type=ints, default=[1, 8])
+    s.add_argument("--prefixes", type=ints, default=[512, 4096])
+    s.add_argument("--budgets", type=ints, default=[64, 256])
+    s.add_argument("--gammas", type=ints, default=[1, 2, 3, 4])
+    s.add_argument("--draft_kv", type=strs, default=["streaming", "snapkv"], help="streaming,snapkv[,full for a draft model]")
+    s.add_argument("--draft_checkpoint_path", default=None, help="also sweep a standalone draft model")
+    s.add_argument("--step_repeats", type=int, default=5)
+    s.add_argument("--no_round_timing", action="store_true", help="skip timing whole speculation rounds")
+    s.set_defaults(func=mode_sweep)
+
+    g = sub.add_parser("gpu", parents=[common, engine], help="CUDA: bandwidth, SD/AR, 8B step ratios")
+    g.add_argument("--ar_cases", default="smollm2:1x512,smollm2:64x8192,llama-3.1-8b:1x1024,llama-3.1-8b:16x16384",
+                   help="model:BATCHxCONTEXT,... (smollm2 = the checkpoint; other names: random weights of model.CONFIGS shapes)")
+    g.add_argument("--ratio_cases", default="llama-3.1-8b:1x16384,llama-3.1-8b:16x16384")
+    g.add_argument("--ratio_gammas", type=ints, default=[1, 2, 3, 4, 5])
+    g.add_argument("--ratio_budgets", type=ints, default=[256, 512])
+    g.add_argument("--sd_batch_sizes", type=ints, default=[16, 64])
+    g.add_argument("--sd_prefixes", type=ints, default=[2048, 8000], help="8000: SmolLM2's 8K context minus room to generate")
+    g.add_argument("--budgets", type=ints, default=[256])
+    g.add_argument("--gammas", type=ints, default=[2, 3, 4, 5])
+    g.add_argument("--draft_kv", type=strs, default=["streaming"])
+    g.add_argument("--step_repeats", type=int, default=10)
+    g.add_argument("--no_round_timing", action="store_true")
+    g.add_argument("--smoke", action="store_true", help="allow a non-CUDA device (pass tiny cases)")
+    g.set_defaults(func=mode_gpu, max_new_tokens=128)
+
+    q = sub.add_parser("peer", parents=[common, engine], help="batch 1: transformers AR/assisted vs engine AR/SD")
+    q.add_argument("--prefixes", type=ints, default=[512, 2048])
+    q.add_argument("--gammas", type=ints, default=[2, 4])
+    q.add_argument("--budgets", type=ints, default=[128])
+    q.add_argument("--draft_kv", type=strs, default=["streaming", "snapkv"])
+    q.add_argument("--early_exit", type=ints, default=[8, 16], help="transformers assistant_early_exit layers")
+    q.add_argument("--hf_assistant", default=None, help="HF model dir of a draft for transformers' assistant_model")
+    q.add_argument("--hf_assistant_gguf", default="", help="GGUF file inside --hf_assistant, if any")
+    q.set_defaults(func=mode_peer)
+
+    args = p.parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

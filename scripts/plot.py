@@ -1,0 +1,128 @@
+# PNGs from a benchmark.py sweep (or gpu) JSON:
+#   speedup_vs_batch.png       best SD speedup over AR against batch size, one line per prefix length
+#   acceptance_vs_budget.png   acceptance per draft token against draft budget, StreamingLLM vs SnapKV
+#   predicted_vs_measured.png  speedup predicted from measured step ratios and acceptance against measured
+# Needs matplotlib (pip install matplotlib), which nothing else in the project uses.
+#   python scripts/plot.py benchmarks/results/sweep-<time>.json [--out benchmarks/plots] [--speculate self]
+import argparse
+import glob
+import json
+import os
+import statistics
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KIND_LABEL = {"streaming": "StreamingLLM", "snapkv": "SnapKV", "full": "full cache"}
+
+
+def sd_records(data):
+    if "sd" in data:
+        return data["sd"]
+    return [r for group in data.get("sd_vs_ar", []) for r in group["sd"]]  # gpu mode
+
+
+def title(data, what):
+    env = data.get("env", {})
+    return f"{what}\n{env.get('device', '?')}, {data['settings'].get('dtype', '')}, {(env.get('commit') or '')[:8]}"
+
+
+def speedup_vs_batch(plt, data, records, out):
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for S in sorted({r["prefix"] for r in records}):
+        best = {}
+        for r in records:
+            if r["prefix"] == S:
+                best[r["batch_size"]] = max(best.get(r["batch_size"], 0.0), r["speedup"])
+        batches = sorted(best)
+        ax.plot(batches, [best[b] for b in batches], marker="o", label=f"prefix {S}")
+    ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
+    log2_ticks(ax, {r["batch_size"] for r in records})
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("speedup over AR (best budget, gamma)")
+    ax.set_title(title(data, "Speculative decoding speedup"), fontsize=9)
+    ax.legend()
+    return save(fig, out, "speedup_vs_batch.png")
+
+
+def acceptance_vs_budget(plt, data, records, out):
+    fig, ax = plt.subplots(figsize=(6, 4))
+    prefixes = sorted({r["prefix"] for r in records})
+    styles = ["-", "--", ":", "-."]
+    for kind in sorted({r["draft_kv"] for r in records if r["budget"]}):
+        for i, S in enumerate(prefixes):
+            # acceptance per token hardly depends on gamma or batch size: average them out
+            by_budget = {}
+            for r in records:
+                if r["draft_kv"] == kind and r["prefix"] == S and r["budget"]:
+                    by_budget.setdefault(r["budget"], []).append(r["acceptance"])
+            budgets = sorted(by_budget)
+            ax.plot(budgets, [statistics.mean(by_budget[b]) for b in budgets], marker="o", linestyle=styles[i % len(styles)],
+                    color="C0" if kind == "streaming" else "C1", label=f"{KIND_LABEL.get(kind, kind)}, prefix {S}")
+    log2_ticks(ax, {r["budget"] for r in records if r["budget"]})
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("draft budget (KV entries)")
+    ax.set_ylabel("acceptance per draft token")
+    ax.set_title(title(data, "Acceptance vs draft budget"), fontsize=9)
+    ax.legend(fontsize=8)
+    return save(fig, out, "acceptance_vs_budget.png")
+
+
+def predicted_vs_measured(plt, data, records, out):
+    fig, ax = plt.subplots(figsize=(5, 5))
+    x = [r["predicted_speedup"] for r in records]
+    y = [r["speedup"] for r in records]
+    ax.scatter(x, y, s=12, label="from measured T_D/T_T, T_V/T_T")
+    if all("model_speedup" in r for r in records):
+        ax.scatter([r["model_speedup"] for r in records], y, s=12, marker="x", label="cost model")
+    hi = max(x + y + [1.0]) * 1.05
+    ax.plot([0, hi], [0, hi], color="grey", linewidth=0.8)
+    ax.set_xlabel("predicted speedup (MagicDec model, measured acceptance)")
+    ax.set_ylabel("measured speedup")
+    ax.set_title(title(data, "Speedup model against measurement"), fontsize=9)
+    ax.legend(fontsize=8)
+    return save(fig, out, "predicted_vs_measured.png")
+
+
+def log2_ticks(ax, values):
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted(values), [str(v) for v in sorted(values)])
+    ax.minorticks_off()
+
+
+def save(fig, out, name):
+    path = os.path.join(out, name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+    return path
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Plots from a benchmark.py sweep or gpu JSON.")
+    p.add_argument("json", nargs="?", help="default: the newest benchmarks/results/sweep-*.json")
+    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "plots"))
+    p.add_argument("--speculate", default="self", choices=["self", "draft"], help="which speculation mode to plot")
+    args = p.parse_args(argv)
+    path = args.json or max(glob.glob(os.path.join(ROOT, "benchmarks", "results", "sweep-*.json")), key=os.path.getmtime,
+                            default=None)
+    if path is None:
+        sys.exit("error: no sweep JSON given and none under benchmarks/results/")
+    try:
+        import matplotlib
+    except ImportError:
+        sys.exit("error: plotting needs matplotlib: pip install matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(path) as f:
+        data = json.load(f)
+    records = [r for r in sd_records(data) if r["speculate"] == args.speculate]
+    if not records:
+        sys.exit(f"error: {path} has no --speculate {args.speculate} results")
+    os.makedirs(args.out, exist_ok=True)
+    return [speedup_vs_batch(plt, data, records, args.out), acceptance_vs_budget(plt, data, records, args.out),
+            predicted_vs_measured(plt, data, records, args.out)]
+
+
+if __name__ == "__main__":
+    main()
