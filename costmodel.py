@@ -1,8 +1,9 @@
 # Roofline cost model of one forward step and the MagicDec speedup model on top of it, for choosing
 # gamma and the draft budget. Decode is memory-bound, so a step costs the larger of (bytes moved /
 # bandwidth) and (FLOPs / FLOP rate), plus a per-layer launch overhead that neither term explains.
-# The engine's static caches are read in full behind a mask, so "context" below means cache slots
-# (max_seq_len for the target; budget + gamma + 1 for a sparse draft), not the valid length.
+# "slots" below are the cache entries a step reads: with SDPA the static cache in full behind its
+# mask (max_seq_len; budget + gamma + 1 for a sparse draft), with FlexAttention the 128-wide blocks
+# up to the query position.
 import statistics
 import time
 from dataclasses import dataclass, replace
@@ -118,7 +119,7 @@ class Planner:
     hw: Hardware
     target: ModelArgs
     batch: int
-    slots: int  # target cache slots (max_seq_len)
+    slots: int  # target cache slots one step reads
     itemsize: int
     draft: Optional[ModelArgs] = None  # None: self-speculation (the target's weights, a sparse cache)
     draft_full_cache: bool = False  # a standalone draft reading its own full cache

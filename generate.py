@@ -65,9 +65,6 @@ def pad_prompts(prompts, device):
     return tokens, lens
 
 
-static_prefill = False  # set by compile_steps: every prefill chunk then has the one compiled shape
-
-
 def forward_chunk(model, cache, tokens, input_pos, logits_idx):
     return model(tokens, input_pos, cache, logits_idx)
 
@@ -83,14 +80,15 @@ def prefill(model, cache, tokens, prompt_lens, chunk):
     return the logits at each row's last prompt token [B, V]. Every chunk has the same shape; rows
     shorter than the chunk write padding past their end, which later writes overwrite."""
     B, T = tokens.shape
-    chunk = min(chunk, cache.max_seq_len if static_prefill else T)
+    compiled = forward_chunk is not _eager_steps.get("forward_chunk", forward_chunk)
+    chunk = min(chunk, cache.max_seq_len if compiled else T)  # compiled: one static shape, whatever T
     tokens = torch.nn.functional.pad(tokens, (0, -T % chunk))
     last = prompt_lens - 1
     logits = None
     for start in range(0, tokens.shape[1], chunk):
         input_pos = start + torch.arange(chunk, device=tokens.device).expand(B, -1)
         idx = (last - start).clamp(0, chunk - 1)[:, None]
-        out = forward_chunk(model, cache, tokens[:, start : start + chunk], input_pos, idx)[:, 0]
+        out = forward_chunk(model, cache, tokens[:, start : start + chunk].contiguous(), input_pos, idx)[:, 0]
         in_chunk = ((last >= start) & (last < start + chunk))[:, None]
         logits = out if logits is None else torch.where(in_chunk, out, logits)
     return logits
@@ -396,7 +394,6 @@ def compile_steps(device, enable=True, backend="inductor"):
     then always has its full shape. On CUDA the steps replay as CUDA graphs (prefill is compute
     bound: plain compile). enable=False swaps the eager steps back; the compiled ones are kept, so
     enabling again recompiles nothing."""
-    global static_prefill
     mode = "reduce-overhead" if torch.device(device).type == "cuda" and backend == "inductor" else None
     here = sys.modules[__name__]
     for owner, name, m in ((here, "decode_step", mode), (spec, "draft_step", mode), (spec, "verify_step", mode),
@@ -407,7 +404,6 @@ def compile_steps(device, enable=True, backend="inductor"):
                 _compiled_steps[name, m, backend] = torch.compile(fn, mode=m, backend=backend, fullgraph=True, dynamic=False)
             fn = _compiled_steps[name, m, backend]
         setattr(owner, name, fn)
-    static_prefill = enable
 
 
 if __name__ == "__main__":

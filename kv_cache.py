@@ -9,10 +9,10 @@
 # reach it. So rollback after a rejected speculation is free: the caller just does not advance.
 #
 # The mask takes the form the cache's attention backend reads (model.attend dispatches on it):
-# "sdpa" a boolean tensor, "flex" a FlexAttention BlockMask whose mask_mod reads this cache's buffers
-# (query positions written in place each step, so one function object serves every step and the
-# mask is built from tensors inside a compiled graph), "flash" (full cache only) the int32 number of
-# valid keys per row, for flash-attn's KV-cache kernel.
+# "sdpa" a boolean tensor; "flex" a FlexAttention BlockMask built from tensors inside the compiled
+# step, whose mask_mod (one function object per cache and layer, made once) reads this cache's
+# buffers, the query positions among them, rewritten in place; "flash" (full cache only) the int32
+# number of keys per row, for flash-attn's KV-cache kernel.
 import os
 
 import torch
@@ -21,20 +21,36 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask
 
 FLEX_BLOCK = 128
+FLASH_MAX_T = 64  # flash-attn serves calls of up to this many queries (decode, verify); longer ones use SDPA
 
 
-def flex_mask(mask_mod, kv_blocks, kv_indices, q_len, kv_len):
-    """BlockMask reading only the first kv_blocks [B, 1, 1] KV blocks of each row; every read block is
-    masked by mask_mod. Built from tensors (create_block_mask would evaluate mask_mod densely)."""
-    return BlockMask.from_kv_blocks(kv_blocks, kv_indices, BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod,
-                                    seq_lengths=(q_len, kv_len), compute_q_blocks=False)
+def flex_mask(mask_mod, n_full, full_indices, n_partial, partial_indices, q_len, kv_len):
+    """BlockMask from tensors (create_block_mask would evaluate mask_mod densely): each row [B, 1, 1]
+    reads n_full KV blocks whole and n_partial more through mask_mod, and no other block. Full blocks
+    are also what keeps torch's CPU decode kernel compiling (it assumes they exist)."""
+    return BlockMask.from_kv_blocks(n_partial, partial_indices, n_full, full_indices, BLOCK_SIZE=FLEX_BLOCK,
+                                    mask_mod=mask_mod, seq_lengths=(q_len, kv_len), compute_q_blocks=False)
 
 
 def flex_buffers(module, batch_size, q_cap, kv_len, device):
+    # q_pos: the query positions mask_mod reads. Layer 0 writes them, once per forward: a write per
+    # layer would leave the earlier values unrealised intermediates, which inductor's CPU flex kernel
+    # cannot take as inputs.
     module.register_buffer("q_pos", torch.zeros(batch_size, q_cap, dtype=torch.long, device=device))
     n = -(-kv_len // FLEX_BLOCK)
     idx = torch.arange(n, dtype=torch.int32, device=device).expand(batch_size, 1, 1, n).contiguous()
     module.register_buffer("kv_indices", idx)
+
+
+def layer_views(module, *names):
+    """Register each layer's slice of the [n_layer, ...] buffers as a buffer of its own (a view: no
+    memory). Compiled steps write and read through these, so the graph gets every layer as an input
+    of its own: a layer view taken inside the graph is copied whole on each write (functionalisation
+    does not write the slice back in place), and torch's CPU flex kernel reads it at offset 0.
+    The views share memory with the stacked buffers, so a cache is built on its device, never moved."""
+    for name in names:
+        for i, t in enumerate(getattr(module, name).unbind(0)):
+            module.register_buffer(f"{name}{i}", t, persistent=False)
 
 
 def check_fits(nbytes: int, device: torch.device, what: str) -> None:
@@ -54,10 +70,13 @@ class KVCache(nn.Module):
 
     def __init__(self, n_layer, batch_size, n_kv_head, max_seq_len, head_dim, dtype, device, attn="sdpa"):
         super().__init__()
+        if attn == "flash":  # room for a verify block past the end: flash cannot clamp (see update)
+            max_seq_len += FLASH_MAX_T
         shape = (n_layer, batch_size, n_kv_head, max_seq_len, head_dim)
         check_fits(2 * torch.Size(shape).numel() * dtype.itemsize, device, "the KV cache")
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device))
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device))
+        layer_views(self, "k", "v")
         self.register_buffer("slot_pos", torch.arange(max_seq_len, device=device))
         self.register_buffer("rows", torch.arange(batch_size, device=device)[:, None])
         self.max_seq_len = max_seq_len
@@ -71,16 +90,25 @@ class KVCache(nn.Module):
         # land in the last slot; only queries at or past that position could read it.
         S, T = self.max_seq_len, input_pos.shape[1]
         slot = input_pos.clamp(max=S - 1)
-        self.k[layer_id][self.rows, :, slot] = k.transpose(1, 2)  # indexed view is [B, T, Hkv, D]
-        self.v[layer_id][self.rows, :, slot] = v.transpose(1, 2)
-        k, v = self.k[layer_id], self.v[layer_id]
+        k_all, v_all = self.layer(layer_id)
+        k_all[self.rows, :, slot] = k.transpose(1, 2)  # indexed view is [B, T, Hkv, D]
+        v_all[self.rows, :, slot] = v.transpose(1, 2)
         if self.attn == "flex":  # reads the blocks up to each row's last query position, no further
-            self.q_pos[:, :T] = input_pos
-            n = (input_pos.amax(1) // FLEX_BLOCK + 1).clamp(max=self.kv_indices.shape[-1]).int()
-            return k, v, flex_mask(self.mask_mod, n[:, None, None], self.kv_indices, T, S)
-        if self.attn == "flash":  # its causal mask is bottom-right aligned: right for contiguous positions
-            return k, v, (input_pos[:, -1] + 1).clamp(max=S).int()
-        return k, v, self.slot_pos <= input_pos[:, None, :, None]  # [B, 1, T, S]
+            if layer_id == 0:  # one write per forward (see flex_buffers)
+                self.q_pos[:, :T] = input_pos
+            n_blocks = self.kv_indices.shape[-1]
+            n = (input_pos.amax(1) // FLEX_BLOCK + 1).clamp(max=n_blocks).int()[:, None, None]
+            full = ((input_pos.amin(1) + 1) // FLEX_BLOCK).int()[:, None, None].clamp(max=n)  # seen whole by all
+            partial = (self.kv_indices + full[..., None]).clamp(max=n_blocks - 1)
+            return k_all, v_all, flex_mask(self.mask_mod, full, self.kv_indices, n - full, partial, T, S)
+        if self.attn == "flash" and T <= FLASH_MAX_T:
+            # causal bottom-right aligned on the row's key count: right for contiguous positions that
+            # were not clamped, which the extra slots guarantee for blocks of up to FLASH_MAX_T
+            return k_all, v_all, (input_pos[:, -1] + 1).int()
+        return k_all, v_all, self.slot_pos <= input_pos[:, None, :, None]  # [B, 1, T, S]
+
+    def layer(self, layer_id):
+        return getattr(self, f"k{layer_id}"), getattr(self, f"v{layer_id}")
 
 
 class DraftCache(nn.Module):
@@ -118,6 +146,7 @@ class DraftCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device))
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device))
         self.register_buffer("slot_pos", torch.full(shape[:-1], -1, dtype=torch.long, device=device))
+        layer_views(self, "k", "v", "slot_pos")
         self.register_buffer("is_fixed", torch.arange(n_slots, device=device) < self.n_keep)
         self.register_buffer("rows", torch.arange(batch_size, device=device)[:, None])
         # flash-attn cannot express sinks + window, so only flex replaces SDPA here. All blocks are read
@@ -126,21 +155,28 @@ class DraftCache(nn.Module):
         if self.flex:
             flex_buffers(self, batch_size, n_slots, n_slots, device)
             self.register_buffer("kv_blocks", self.kv_indices.new_full((batch_size, 1, 1), self.kv_indices.shape[-1]))
+            # no block is seen whole (the CPU kernel cannot take the same index tensor twice)
+            self.register_buffer("no_blocks", torch.zeros_like(self.kv_blocks))
+            self.register_buffer("no_indices", torch.zeros_like(self.kv_indices))
             self.mask_mods = [self.flex_mask_mod(layer_id, q_per_kv) for layer_id in range(n_layer)]
 
     def flex_mask_mod(self, layer_id, q_per_kv):
         def mask_mod(b, h, q, kv):  # h is a query head
-            return self.sees(self.slot_pos[layer_id, b, h // q_per_kv, kv], self.q_pos[b, q], kv < self.n_keep)
+            return self.sees(self.layer(layer_id)[2][b, h // q_per_kv, kv], self.q_pos[b, q], kv < self.n_keep)
         return mask_mod
+
+    def layer(self, layer_id):
+        return getattr(self, f"k{layer_id}"), getattr(self, f"v{layer_id}"), getattr(self, f"slot_pos{layer_id}")
 
     def slot_of(self, pos):
         return torch.where(pos < self.n_sink_pos, pos, self.n_keep + pos % self.ring)
 
     def write(self, layer_id, input_pos, k, v):
         slot = self.slot_of(input_pos)  # [B, T]
-        self.k[layer_id][self.rows, :, slot] = k.transpose(1, 2)
-        self.v[layer_id][self.rows, :, slot] = v.transpose(1, 2)
-        self.slot_pos[layer_id][self.rows, :, slot] = input_pos[:, :, None]
+        k_all, v_all, slot_pos = self.layer(layer_id)
+        k_all[self.rows, :, slot] = k.transpose(1, 2)
+        v_all[self.rows, :, slot] = v.transpose(1, 2)
+        slot_pos[self.rows, :, slot] = input_pos[:, :, None]
 
     def sees(self, s, q, fixed):
         """Whether a query at position q reads the entry at position s (fixed: in a fixed slot)."""
@@ -152,21 +188,22 @@ class DraftCache(nn.Module):
 
     def update(self, layer_id, input_pos, k, v):
         self.write(layer_id, input_pos, k, v)
-        k, v = self.k[layer_id], self.v[layer_id]
+        k, v, slot_pos = self.layer(layer_id)
         # outside a compiled step flex would compile once per layer's mask_mod: SDPA computes the same there
         if self.flex and torch.compiler.is_compiling():
             T = input_pos.shape[1]
-            self.q_pos[:, :T] = input_pos
-            return k, v, flex_mask(self.mask_mods[layer_id], self.kv_blocks, self.kv_indices, T, k.shape[2])
-        return k, v, self.visible(self.slot_pos[layer_id], input_pos)
+            if layer_id == 0:
+                self.q_pos[:, :T] = input_pos
+            return k, v, flex_mask(self.mask_mods[layer_id], self.no_blocks, self.no_indices, self.kv_blocks,
+                                   self.kv_indices, T, k.shape[2])
+        return k, v, self.visible(slot_pos, input_pos)
 
     def copy_from(self, full: KVCache, pos):
         """Overwrite the entries at positions pos [B, T] with the full cache's (the target's verified K/V)."""
         slot = pos.clamp(max=full.max_seq_len - 1)
         for layer_id in range(self.k.shape[0]):
-            k = full.k[layer_id][self.rows, :, slot].transpose(1, 2)
-            v = full.v[layer_id][self.rows, :, slot].transpose(1, 2)
-            self.write(layer_id, pos, k, v)
+            k, v = full.layer(layer_id)
+            self.write(layer_id, pos, k[self.rows, :, slot].transpose(1, 2), v[self.rows, :, slot].transpose(1, 2))
 
     def fill(self, full: KVCache, prompt_lens, scores=None):
         """Build the draft cache from a full cache holding the prompts (lengths prompt_lens [B]).

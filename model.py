@@ -149,13 +149,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Ten
     SDPA: GQA is folded into the query length: the g query heads sharing a KV head become g*T query
     rows, so each KV head is read once and a one-token decode step is a g-row attention."""
     if isinstance(mask, BlockMask):
-        if not torch.compiler.is_compiling():
-            return compiled_flex()(q, k, v, block_mask=mask, enable_gqa=True)
-        if k.device.type == "cpu" and (k.storage_offset() or v.storage_offset()):
-            # torch's CPU flex kernel ignores the offset of a view taken inside the graph (a cache layer
-            # past the first): copy. CUDA kernels honour it; this copy is for CPU correctness only.
-            k, v = k.clone(), v.clone()
-        return flex_attention(q, k, v, block_mask=mask, enable_gqa=True)
+        flex = flex_attention if torch.compiler.is_compiling() else compiled_flex()
+        scale = None
+        if q.device.type == "cpu":  # torch's CPU flex kernel takes q only from a 4-d buffer of its own
+            q, scale = q * q.shape[-1] ** -0.5, 1.0
+        return flex(q, k, v, block_mask=mask, scale=scale, enable_gqa=True)
     if mask.dtype == torch.int32:
         if flash_attn_with_kvcache is None:
             raise RuntimeError("attention backend 'flash' needs the flash-attn package (CUDA)")

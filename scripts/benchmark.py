@@ -65,7 +65,8 @@ def environment(device):
         tf_version = transformers.__version__
     except ImportError:
         tf_version = None
-    return dict(device=G.device_name(torch.device(device)), date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+    now = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    return dict(device=G.device_name(torch.device(device)), date=now,
                 commit=git("rev-parse", "HEAD"), uncommitted_changes=bool(git("status", "--porcelain", "-uno")),
                 torch=torch.__version__, transformers=tf_version, python=platform.python_version(),
                 torch_threads=torch.get_num_threads(), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS"))
@@ -167,7 +168,8 @@ def engine_steps(compiled, device, attn="sdpa"):
 def reuse_prefill():
     """Runs with the same model and prompts copy the first run's prefilled K/V instead of recomputing
     it: only decode is compared, and on a CPU a batch of 4K-token prefills costs more than the decode.
-    Yields a dict of the real prefill times, keyed like the memo."""
+    Yields a dict of the real prefill times, keyed like the memo (the first run's prefill: it includes
+    compilation when that run is compiled)."""
     real, memo, seconds = G.prefill, {}, {}
 
     def prefill(model, cache, tokens, prompt_lens, chunk):
@@ -407,10 +409,10 @@ def mode_ar(args):
                             ref = ref or r.tokens
                             rec = dict(dtype=dname, batch_size=B, prefix=S, compile=compiled, attn=attn,
                                        tokens_per_s=decode_tps(r), decode_s=r.decode_s,
-                                       prefill_s=next(iter(prefill_s.values())), **agreement(r.tokens, ref))
+                                       first_prefill_s=next(iter(prefill_s.values())), **agreement(r.tokens, ref))
                             records.append(rec)
                             print(f"engine {dname} {compiled:7s} {attn:10s} B={B} S={S}: {rec['tokens_per_s']:.2f} tok/s "
-                                  f"(prefill {rec['prefill_s']:.2f} s)", flush=True)
+                                  f"(first prefill {rec['first_prefill_s']:.2f} s)", flush=True)
                 if hf is not None:
                     h = hf_generate(hf, prompts, args.max_new_tokens, device, subtract=args.hf_subtract)
                     best = max((r for r in records if r["dtype"] == dname and r["batch_size"] == B and r["prefix"] == S),
@@ -486,7 +488,8 @@ def sweep_group(args, model, draft_model, prompts, B, S, dtype, device, hw):
                               f"{rec['speedup']:.2f} (from measured ratios {rec['predicted_speedup']:.2f}), "
                               f"alpha {r.acceptance:.3f}, {r.tokens_per_round:.2f} tok/round, T_D/T_T {td:.3f}, "
                               f"T_V/T_T {tv:.3f}, rows equal to AR {rec['rows_equal']:.2f}", flush=True)
-    ar_rec = dict(batch_size=B, prefix=S, tokens_per_s=ar_tps, decode_s=ar.decode_s, prefill_s=next(iter(prefill_s.values())),
+    ar_rec = dict(batch_size=B, prefix=S, tokens_per_s=ar_tps, decode_s=ar.decode_s,
+                  first_prefill_s=next(iter(prefill_s.values())),
                   max_seq_len=max_seq, t_target_s={m: st["t_target"] for m, st in steps.items()})
     step_rec = dict(batch_size=B, prefix=S, max_seq_len=max_seq, **{m: st for m, st in steps.items()})
     return ar_rec, sd, step_rec, samples
@@ -518,7 +521,8 @@ def choices_vs_measured(sd, hw_fit, model, draft_model, itemsize):
         g, pred = p.choose_gamma(alpha, budget or 0)
         best = max(rs, key=lambda r: r["tokens_per_s"])
         out.append(dict(batch_size=B, prefix=S, speculate=mode, draft_kv=kind, budget=budget, acceptance=alpha,
-                        model_gamma=g, model_speedup=pred, measured_best_gamma=best["gamma"], measured_best_speedup=best["speedup"],
+                        model_gamma=g, model_speedup=pred, measured_best_gamma=best["gamma"],
+                        measured_best_speedup=best["speedup"],
                         measured_speedup_at_model_gamma=next(r["speedup"] for r in rs if r["gamma"] == g)))
     return out
 
@@ -588,7 +592,8 @@ def mode_gpu(args):
             models.clear()  # one model resident at a time: an 8B model and its caches fill most of a GPU
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            models[name] = load_model(args.checkpoint_path, device, dtype) if name == "smollm2" else random_model(name, device, dtype)
+            models[name] = (load_model(args.checkpoint_path, device, dtype) if name == "smollm2"
+                            else random_model(name, device, dtype))
         return models[name]
 
     bandwidth, ratios, sd_ar = [], [], []
@@ -643,6 +648,7 @@ def mode_peer(args):
     model = load_model(args.checkpoint_path, device, dtype)
     hf = load_hf(args, dtype)
     assistant = load_hf(args, dtype, args.hf_assistant, args.hf_assistant_gguf) if args.hf_assistant else None
+    draft_model = load_model(args.draft_checkpoint_path, device, dtype) if args.draft_checkpoint_path else None
     hf_warmup(hf, device)
     results = []
     N = args.max_new_tokens
@@ -657,13 +663,18 @@ def mode_peer(args):
         with engine_steps(args.compile, device, args.attn), reuse_prefill():
             ar = run_engine(model, prompts, N, max_seq, args.prefill_chunk, args.attn, repeats=args.repeats)
             add("engine", "ar", decode_tps(ar), ar.tokens, ar.tokens)
-            for kind in args.draft_kv:
+            for kind in [k for k in args.draft_kv if k != "full"]:
                 for budget in args.budgets:
                     for gamma in args.gammas:
                         sa = G.SpecArgs("self", gamma, kind, budget, args.sinks, args.snapkv_window, args.snapkv_recent)
                         r = run_engine(model, prompts, N, max_seq, args.prefill_chunk, args.attn, sa, repeats=args.repeats)
                         add("engine", f"self-spec {kind} b{budget} g{gamma}", decode_tps(r), r.tokens, ar.tokens,
                             acceptance=r.acceptance, tokens_per_round=r.tokens_per_round)
+            for gamma in args.gammas if draft_model is not None else []:  # the counterpart of assistant_model
+                sa = G.SpecArgs("draft", gamma, "full", refresh=False)
+                r = run_engine(model, prompts, N, max_seq, args.prefill_chunk, args.attn, sa, draft_model, args.repeats)
+                add("engine", f"draft model g{gamma}", decode_tps(r), r.tokens, ar.tokens,
+                    acceptance=r.acceptance, tokens_per_round=r.tokens_per_round)
         h = hf_generate(hf, prompts, N, device)
         add("transformers", "ar", h["tokens_per_s"], h["tokens"], ar.tokens)
         for gamma in args.gammas:
@@ -690,7 +701,8 @@ def mode_peer(args):
         line = dict(prefix=S, engine_ar_over_transformers_ar=own_ar["engine"] / own_ar["transformers"])
         if best["engine"] and best["transformers"]:
             line.update(best_engine_spec=best["engine"]["method"], best_transformers_assisted=best["transformers"]["method"],
-                        best_engine_spec_over_best_transformers_assisted=best["engine"]["tokens_per_s"] / best["transformers"]["tokens_per_s"])
+                        best_engine_spec_over_best_transformers_assisted=(best["engine"]["tokens_per_s"]
+                                                                          / best["transformers"]["tokens_per_s"]))
         summary.append(line)
         print(line)
     write_json(args, dict(results=results, summary=summary))
@@ -768,6 +780,7 @@ def main(argv=None):
     q.add_argument("--early_exit", type=ints, default=[8, 16], help="transformers assistant_early_exit layers")
     q.add_argument("--hf_assistant", default=None, help="HF model dir of a draft for transformers' assistant_model")
     q.add_argument("--hf_assistant_gguf", default="", help="GGUF file inside --hf_assistant, if any")
+    q.add_argument("--draft_checkpoint_path", default=None, help="the same draft for this engine (--speculate draft)")
     q.set_defaults(func=mode_peer)
 
     args = p.parse_args(argv)

@@ -10,8 +10,9 @@ from model import attend, flash_attn_with_kvcache
 B, HQ, HKV, D = 3, 4, 2, 16
 
 
-def attend_cache(cache, layer_id, q, k, v, pos):
-    return attend(q, *cache.update(layer_id, pos, k, v))
+def attend_cache(cache, q, k, v, pos):
+    """Each layer of the cache in turn, first to last as in a forward -> [n_layer, B, Hq, T, D]."""
+    return torch.stack([attend(q, *cache.update(i, pos, k, v)) for i in range(cache.k.shape[0])])
 
 
 # flex must run compiled (eager flex materialises the scores); one compiled function for every case
@@ -19,16 +20,16 @@ compiled_attend_cache = torch.compile(attend_cache, fullgraph=True, dynamic=Fals
 
 
 def target_pair(S, starts, T, device="cpu", dtype=torch.float32):
-    """SDPA and flex full caches with the same random history; in the flex cache every KV block past
-    a row's last query position holds NaN, which reaches the output if flex reads that block."""
-    ref = KVCache(1, B, HKV, S, D, dtype, device)
-    flex = KVCache(1, B, HKV, S, D, dtype, device, attn="flex")
+    """SDPA and flex full caches (2 layers) with the same random history; in the flex cache every KV
+    block past a row's last query position holds NaN, which reaches the output if flex reads it."""
+    ref = KVCache(2, B, HKV, S, D, dtype, device)
+    flex = KVCache(2, B, HKV, S, D, dtype, device, attn="flex")
     ref.k.normal_(), ref.v.normal_()
     flex.k.copy_(ref.k), flex.v.copy_(ref.v)
     pos = torch.tensor(starts, device=device)[:, None] + torch.arange(T, device=device)
     unread = torch.arange(S, device=device) >= (pos[:, -1:] // FLEX_BLOCK + 1) * FLEX_BLOCK  # [B, S]
-    flex.k[0].transpose(1, 2)[unread] = float("nan")  # [B, S, Hkv, D] view, indexed by [B, S]
-    flex.v[0].transpose(1, 2)[unread] = float("nan")
+    flex.k.transpose(2, 3)[:, unread] = float("nan")  # [L, B, S, Hkv, D] view, indexed by [B, S]
+    flex.v.transpose(2, 3)[:, unread] = float("nan")
     return ref, flex, pos
 
 
@@ -38,8 +39,8 @@ def test_flex_matches_sdpa_on_ragged_target_rows(T):
     # row 0 reads one of three blocks, row 1 straddles the first block boundary, row 2 reads all
     ref, flex, pos = target_pair(300, [0, 126, 300 - T], T)
     q, k, v = torch.randn(B, HQ, T, D), torch.randn(B, HKV, T, D), torch.randn(B, HKV, T, D)
-    want = attend_cache(ref, 0, q, k, v, pos)
-    got = compiled_attend_cache(flex, 0, q, k, v, pos)
+    want = attend_cache(ref, q, k, v, pos)
+    got = compiled_attend_cache(flex, q, k, v, pos)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
@@ -65,8 +66,8 @@ def test_flex_matches_sdpa_on_draft_cache(kind, T):
     torch.manual_seed(1)
     ref, flex, pos = draft_pair(kind, T)
     q, k, v = torch.randn(B, HQ, T, D), torch.randn(B, HKV, T, D), torch.randn(B, HKV, T, D)
-    want = attend_cache(ref, 1, q, k, v, pos)
-    got = compiled_attend_cache(flex, 1, q, k, v, pos)
+    want = attend_cache(ref, q, k, v, pos)
+    got = compiled_attend_cache(flex, q, k, v, pos)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
@@ -79,15 +80,15 @@ def test_cuda_backends_match_sdpa(backend):
     dtype, T = torch.bfloat16, 4
     ref, flex, pos = target_pair(1000, [5, 300, 996 - T], T, "cuda", dtype)
     cache = flex
-    if backend == "flash":  # flash-attn never sees the NaN blocks' counterpart: plain history
-        cache = KVCache(1, B, HKV, 1000, D, dtype, "cuda", attn="flash")
-        cache.k.copy_(ref.k), cache.v.copy_(ref.v)
+    if backend == "flash":  # the same history without NaN blocks (and the flash cache's extra slots)
+        cache = KVCache(2, B, HKV, 1000, D, dtype, "cuda", attn="flash")
+        cache.k[..., :1000, :].copy_(ref.k), cache.v[..., :1000, :].copy_(ref.v)
     q, k, v = (torch.randn(B, h, T, D, device="cuda", dtype=dtype) for h in (HQ, HKV, HKV))
-    want = attend_cache(ref, 0, q, k, v, pos)
-    got = compiled_attend_cache(cache, 0, q, k, v, pos)
+    want = attend_cache(ref, q, k, v, pos)
+    got = compiled_attend_cache(cache, q, k, v, pos)
     torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
     if backend == "flex":
         ref, flex, pos = draft_pair("snapkv", 1, "cuda")
         q, k, v = (torch.randn(B, h, 1, D, device="cuda") for h in (HQ, HKV, HKV))
-        torch.testing.assert_close(compiled_attend_cache(flex, 1, q, k, v, pos), attend_cache(ref, 1, q, k, v, pos),
+        torch.testing.assert_close(compiled_attend_cache(flex, q, k, v, pos), attend_cache(ref, q, k, v, pos),
                                    atol=1e-4, rtol=1e-4)

@@ -1,0 +1,71 @@
+# Compiled steps (generate.compile_steps: fullgraph, static shapes) on tiny random models, CPU:
+# greedy output equals eager, nothing breaks the graphs, and after one warm-up generation per setup,
+# generations with other prompts, lengths and acceptance compile nothing more.
+#
+# Inductor builds the autoregressive and the self-speculation (StreamingLLM, refreshed draft) steps.
+# The other setups use the aot_eager backend, which traces the same graphs (recompiles and graph
+# breaks are decided before the backend) without inductor's minutes of C++ builds.
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import generate as G
+from generate import SpecArgs, generate
+from spec import Sampling
+from test_spec import VOCAB, tiny
+
+MAX_NEW, MAX_SEQ, CHUNK = 24, 96, 32
+SETUPS = {
+    "autoregressive": ("inductor", None, "sdpa"),
+    "self-streaming": ("inductor", SpecArgs("self", 3, "streaming", 24, sinks=4), "sdpa"),
+    "self-snapkv": ("aot_eager", SpecArgs("self", 3, "snapkv", 24, snapkv_window=8), "sdpa"),
+    "draft-streaming": ("aot_eager", SpecArgs("draft", 3, "streaming", 24, sinks=4, refresh=False), "sdpa"),
+    "draft-snapkv": ("aot_eager", SpecArgs("draft", 2, "snapkv", 24, snapkv_window=8, refresh=False), "sdpa"),
+    "self-streaming-flex": ("aot_eager", SpecArgs("self", 3, "streaming", 24, sinks=4), "flex"),
+    "draft-snapkv-flex": ("aot_eager", SpecArgs("draft", 2, "snapkv", 24, snapkv_window=8, refresh=False), "flex"),
+}
+
+
+@pytest.fixture(scope="module")
+def models():
+    return tiny(0, n_layer=2), tiny(1, n_layer=1, dim=32)
+
+
+def prompt_sets():
+    """Three batches of three rows: other lengths, order and content each time (same batch size and
+    cache length, which fix the compiled shapes)."""
+    g = torch.Generator().manual_seed(5)
+    return [[torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in lens]
+            for lens in ((7, 61, 26), (40, 5, 66), (33, 12, 50))]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def eager_after():
+    # several setups compile the same step functions; each is one more cache entry of that code
+    with torch._dynamo.config.patch(recompile_limit=64):
+        yield
+    G.compile_steps("cpu", enable=False)
+
+
+@pytest.mark.parametrize("setup", SETUPS)
+def test_compiled_generation_matches_eager_without_recompiling(models, setup):
+    backend, sa, attn = SETUPS[setup]
+    target, draft = models
+    draft = draft if sa is not None and sa.mode == "draft" else None
+
+    def run(prompts, attn=attn):
+        return generate(target, prompts, MAX_NEW, {0}, Sampling(), MAX_SEQ, CHUNK, sa=sa, draft_model=draft, attn=attn)
+
+    G.compile_steps("cpu", enable=False)
+    want = [run(p, "sdpa").tokens for p in prompt_sets()]  # flex must give the same tokens
+    G.compile_steps("cpu", backend=backend)
+    counters.clear()
+    runs = [run(prompt_sets()[0])]  # warm-up: compiles every step this setup uses
+    graphs = counters["stats"]["unique_graphs"]
+    with torch.compiler.set_stance("fail_on_recompile"):
+        runs += [run(p) for p in prompt_sets()[1:]]
+    assert counters["stats"]["unique_graphs"] == graphs, "a step compiled again after warm-up"
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert [r.tokens for r in runs] == want
+    if sa is not None:  # acceptance varies across runs, and rejections (rollbacks) happen
+        assert len({r.acceptance for r in runs}) > 1 and max(r.acceptance for r in runs) < 1
