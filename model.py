@@ -164,7 +164,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Ten
     q = q.reshape(B, Hkv, g * T, D)
     mask = mask[:, :, None].expand(-1, -1, g, -1, -1).reshape(B, mask.shape[1], g * T, -1)
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return y.view(B, Hq, T, D)
+    return y.reshape(B, Hq, T, D)  # CUDA kernels may return [B, T, H, D]-strided outputs
 
 
 class RMSNorm(nn.Module):

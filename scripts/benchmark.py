@@ -67,7 +67,9 @@ def environment(device):
         tf_version = None
     now = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     return dict(device=G.device_name(torch.device(device)), date=now,
-                commit=git("rev-parse", "HEAD"), uncommitted_changes=bool(git("status", "--porcelain", "-uno")),
+                # a copy of the tree without .git (a remote machine) names its commit in GIT_COMMIT
+                commit=git("rev-parse", "HEAD") or os.environ.get("GIT_COMMIT"),
+                uncommitted_changes=None if git("rev-parse", "HEAD") is None else bool(git("status", "--porcelain", "-uno")),
                 torch=torch.__version__, transformers=tf_version, python=platform.python_version(),
                 torch_threads=torch.get_num_threads(), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS"))
 
@@ -468,8 +470,9 @@ def sweep_group(args, model, draft_model, prompts, B, S, dtype, device, hw):
             for kind in kinds:
                 for budget in ([0] if kind == "full" else args.budgets):
                     for gamma in args.gammas:
+                        # gamma_max: every gamma shares one draft-cache shape, that of step_times (one compile)
                         sa = G.SpecArgs(mode, gamma, kind, budget or 256, args.sinks, args.snapkv_window,
-                                        args.snapkv_recent, refresh=mode == "self")
+                                        args.snapkv_recent, refresh=mode == "self", gamma_max=gmax)
                         r = run_engine(model, prompts, args.max_new_tokens, max_seq, args.prefill_chunk, args.attn, sa,
                                        draft_model if mode == "draft" else None, args.repeats)
                         tps = decode_tps(r)
@@ -577,6 +580,7 @@ def parse_cases(text):
     return out
 
 
+@torch.no_grad()  # as generate() runs: grad mode is part of every compiled step's guards
 def mode_gpu(args):
     device = torch.device(args.device)
     if device.type != "cuda" and not args.smoke:

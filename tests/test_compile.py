@@ -5,12 +5,18 @@
 # Inductor builds the autoregressive and the self-speculation (StreamingLLM, refreshed draft) steps.
 # The other setups use the aot_eager backend, which traces the same graphs (recompiles and graph
 # breaks are decided before the backend) without inductor's minutes of C++ builds.
+#
+# Where CUDA is available every setup also runs there with inductor, the decode, draft and verify
+# steps replaying as CUDA graphs (mode="reduce-overhead"), and speculation must equal AR there too.
+import copy
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
 
 import generate as G
 from generate import SpecArgs, generate
+from model import place
 from spec import Sampling
 from test_spec import VOCAB, tiny
 
@@ -26,9 +32,16 @@ SETUPS = {
 }
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
 @pytest.fixture(scope="module")
 def models():
     return tiny(0, n_layer=2), tiny(1, n_layer=1, dim=32)
+
+
+def on(device, models):
+    return tuple(place(copy.deepcopy(m), device, torch.float32) if device != "cpu" else m for m in models)
 
 
 def prompt_sets():
@@ -44,21 +57,26 @@ def eager_after():
     # several setups compile the same step functions; each is one more cache entry of that code
     with torch._dynamo.config.patch(recompile_limit=64):
         yield
-    G.compile_steps("cpu", enable=False)
+    for device in DEVICES:
+        G.compile_steps(device, enable=False)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("setup", SETUPS)
-def test_compiled_generation_matches_eager_without_recompiling(models, setup):
+def test_compiled_generation_matches_eager_without_recompiling(models, setup, device):
     backend, sa, attn = SETUPS[setup]
-    target, draft = models
+    backend = "inductor" if device == "cuda" else backend
+    target, draft = on(device, models)
     draft = draft if sa is not None and sa.mode == "draft" else None
 
-    def run(prompts, attn=attn):
+    def run(prompts, attn=attn, sa=sa):
         return generate(target, prompts, MAX_NEW, {0}, Sampling(), MAX_SEQ, CHUNK, sa=sa, draft_model=draft, attn=attn)
 
-    G.compile_steps("cpu", enable=False)
+    G.compile_steps(device, enable=False)
     want = [run(p, "sdpa").tokens for p in prompt_sets()]  # flex must give the same tokens
-    G.compile_steps("cpu", backend=backend)
+    if device == "cuda" and sa is not None:  # on CPU, test_spec covers this exhaustively
+        assert want == [run(p, "sdpa", None).tokens for p in prompt_sets()], "speculation differs from AR"
+    G.compile_steps(device, backend=backend)
     counters.clear()
     runs = [run(prompt_sets()[0])]  # warm-up: compiles every step this setup uses
     graphs = counters["stats"]["unique_graphs"]
@@ -66,6 +84,7 @@ def test_compiled_generation_matches_eager_without_recompiling(models, setup):
         runs += [run(p) for p in prompt_sets()[1:]]
     assert counters["stats"]["unique_graphs"] == graphs, "a step compiled again after warm-up"
     assert not counters["graph_break"], dict(counters["graph_break"])
+    assert not counters["inductor"]["cudagraph_skips"], "a step did not run as a CUDA graph (TORCH_LOGS=cudagraphs)"
     assert [r.tokens for r in runs] == want
     if sa is not None:  # acceptance varies across runs, and rejections (rollbacks) happen
         assert len({r.acceptance for r in runs}) > 1 and max(r.acceptance for r in runs) < 1
