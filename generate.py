@@ -170,7 +170,7 @@ def generate(model: Transformer, prompts: list, max_new_tokens: int, eos_ids, s:
                                                    gamma, s, sa.refresh and sa.mode == "self")
             active = (~done).long()
             n_acc = n_emit - 1
-            stats += torch.stack([n_acc, torch.clamp(n_emit, max=gamma), torch.ones_like(n_acc)]) @ active
+            stats += (torch.stack([n_acc, torch.clamp(n_emit, max=gamma), torch.ones_like(n_acc)]) * active).sum(1)
             gammas.append(gamma)
         n_emit = torch.where(done, 0, n_emit)
         # a finished row writes past its own end, which the final truncation drops
