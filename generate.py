@@ -163,7 +163,7 @@ def generate(model: Transformer, prompts: list, max_new_tokens: int, eos_ids, s:
     while not bool(done.all()):  # the one host sync per step/round
         pos = prompt_lens + n_gen - 1
         if sa.mode == "none":
-            emitted = decode_step(model, cache, last2[:, 1], pos, s)[:, None]
+            emitted = decode_step(model, cache, last2[:, 1].contiguous(), pos, s)[:, None]
             n_emit = torch.ones_like(n_gen)
         else:
             emitted, n_emit = spec.speculate_round(model, cache, draft_model, draft_cache, last2, pos,

@@ -57,7 +57,8 @@ def check_fits(nbytes: int, device: torch.device, what: str) -> None:
     """Refuse an allocation that cannot fit, before trying it."""
     device = torch.device(device)
     if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
+        # blocks the caching allocator holds but no tensor uses are free to this process too
+        free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     else:
         free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     if nbytes > free:

@@ -91,7 +91,8 @@ def speculate_round(target, cache, draft_model, draft_cache, last2, pos, gamma, 
     into the draft cache after verification, which covers that token and replaces the draft's own
     sparse-attention K/V with the target's."""
     B = pos.shape[0]
-    tokens = last2[:, 1:] if refresh else last2
+    # compiled steps guard on strides: contiguous inputs keep to one graph per shape
+    tokens = (last2[:, 1:] if refresh else last2).contiguous()
     input_pos = pos[:, None] - tokens.shape[1] + 1 + torch.arange(tokens.shape[1], device=pos.device)
     # each draft step's outputs are copied out at once: a step replayed as a CUDA graph overwrites them
     drafts = torch.empty(B, gamma, dtype=torch.long, device=pos.device)
@@ -99,7 +100,8 @@ def speculate_round(target, cache, draft_model, draft_cache, last2, pos, gamma, 
     for i in range(gamma):
         d, q = draft_step(draft_model, draft_cache, tokens, input_pos, s)
         drafts[:, i], qs[:, i] = d, q
-        tokens, input_pos = drafts[:, i : i + 1], (pos + i + 1)[:, None]
-    n_accept, next_token = verify_step(target, cache, last2[:, 1], drafts, qs, pos, s, draft_cache if refresh else None)
+        tokens, input_pos = drafts[:, i : i + 1].contiguous(), (pos + i + 1)[:, None]
+    n_accept, next_token = verify_step(target, cache, last2[:, 1].contiguous(), drafts, qs, pos, s,
+                                       draft_cache if refresh else None)
     emitted = torch.cat([drafts, drafts[:, :1]], 1).scatter(1, n_accept[:, None], next_token[:, None])
     return emitted, n_accept + 1

@@ -21,14 +21,17 @@ from spec import Sampling
 from test_spec import VOCAB, tiny
 
 MAX_NEW, MAX_SEQ, CHUNK = 24, 96, 32
+# (backend, speculation, attention, graphs): every graph costs a compile (tens of seconds for a
+# 30-layer model), so the count is pinned: prefill chunk and decode step; prefill, draft step and
+# verify step; a standalone draft adds its own prefill and a 2-token catch-up draft step.
 SETUPS = {
-    "autoregressive": ("inductor", None, "sdpa"),
-    "self-streaming": ("inductor", SpecArgs("self", 3, "streaming", 24, sinks=4), "sdpa"),
-    "self-snapkv": ("aot_eager", SpecArgs("self", 3, "snapkv", 24, snapkv_window=8), "sdpa"),
-    "draft-streaming": ("aot_eager", SpecArgs("draft", 3, "streaming", 24, sinks=4, refresh=False), "sdpa"),
-    "draft-snapkv": ("aot_eager", SpecArgs("draft", 2, "snapkv", 24, snapkv_window=8, refresh=False), "sdpa"),
-    "self-streaming-flex": ("aot_eager", SpecArgs("self", 3, "streaming", 24, sinks=4), "flex"),
-    "draft-snapkv-flex": ("aot_eager", SpecArgs("draft", 2, "snapkv", 24, snapkv_window=8, refresh=False), "flex"),
+    "autoregressive": ("inductor", None, "sdpa", 2),
+    "self-streaming": ("inductor", SpecArgs("self", 3, "streaming", 24, sinks=4), "sdpa", 3),
+    "self-snapkv": ("aot_eager", SpecArgs("self", 3, "snapkv", 24, snapkv_window=8), "sdpa", 3),
+    "draft-streaming": ("aot_eager", SpecArgs("draft", 3, "streaming", 24, sinks=4, refresh=False), "sdpa", 5),
+    "draft-snapkv": ("aot_eager", SpecArgs("draft", 2, "snapkv", 24, snapkv_window=8, refresh=False), "sdpa", 5),
+    "self-streaming-flex": ("aot_eager", SpecArgs("self", 3, "streaming", 24, sinks=4), "flex", 3),
+    "draft-snapkv-flex": ("aot_eager", SpecArgs("draft", 2, "snapkv", 24, snapkv_window=8, refresh=False), "flex", 5),
 }
 
 
@@ -64,7 +67,7 @@ def eager_after():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("setup", SETUPS)
 def test_compiled_generation_matches_eager_without_recompiling(models, setup, device):
-    backend, sa, attn = SETUPS[setup]
+    backend, sa, attn, n_graphs = SETUPS[setup]
     backend = "inductor" if device == "cuda" else backend
     target, draft = on(device, models)
     draft = draft if sa is not None and sa.mode == "draft" else None
@@ -77,9 +80,11 @@ def test_compiled_generation_matches_eager_without_recompiling(models, setup, de
     if device == "cuda" and sa is not None:  # on CPU, test_spec covers this exhaustively
         assert want == [run(p, "sdpa", None).tokens for p in prompt_sets()], "speculation differs from AR"
     G.compile_steps(device, backend=backend)
+    torch._dynamo.reset()  # count this setup's graphs from scratch
     counters.clear()
     runs = [run(prompt_sets()[0])]  # warm-up: compiles every step this setup uses
     graphs = counters["stats"]["unique_graphs"]
+    assert graphs == n_graphs, f"{graphs} compiled graphs, expected {n_graphs}"
     with torch.compiler.set_stance("fail_on_recompile"):
         runs += [run(p) for p in prompt_sets()[1:]]
     assert counters["stats"]["unique_graphs"] == graphs, "a step compiled again after warm-up"
