@@ -463,7 +463,7 @@ def sweep_group(args, model, draft_model, prompts, B, S, dtype, device, hw):
                                                    args.step_repeats, False, args.attn)["t_draft"]["full"]
             steps[mode] = st
             samples += cost_samples(model, dm, B, read, args.gammas, st, itemsize)
-        sd = []
+        sd, auto = [], []
         for mode in modes:
             st = steps[mode]
             kinds = [k for k in args.draft_kv if mode == "draft" or k != "full"]
@@ -491,11 +491,39 @@ def sweep_group(args, model, draft_model, prompts, B, S, dtype, device, hw):
                               f"{rec['speedup']:.2f} (from measured ratios {rec['predicted_speedup']:.2f}), "
                               f"alpha {r.acceptance:.3f}, {r.tokens_per_round:.2f} tok/round, T_D/T_T {td:.3f}, "
                               f"T_V/T_T {tv:.3f}, rows equal to AR {rec['rows_equal']:.2f}", flush=True)
+                    if args.adapt_every:
+                        auto.append(run_auto(args, model, dm, prompts, B, S, mode, kind, budget, max_seq, dtype, device,
+                                             ar_tps, sd[-len(args.gammas):]))
     ar_rec = dict(batch_size=B, prefix=S, tokens_per_s=ar_tps, decode_s=ar.decode_s,
                   first_prefill_s=next(iter(prefill_s.values())),
                   max_seq_len=max_seq, t_target_s={m: st["t_target"] for m, st in steps.items()})
+    ar_rec["gamma_auto"] = auto
     step_rec = dict(batch_size=B, prefix=S, max_seq_len=max_seq, **{m: st for m, st in steps.items()})
     return ar_rec, sd, step_rec, samples
+
+
+def run_auto(args, model, draft_model, prompts, B, S, mode, kind, budget, max_seq, dtype, device, ar_tps, fixed):
+    """What --gamma auto does (generate.choose_speculation): gamma from the cost model and the prior
+    acceptance at start, re-chosen every adapt_every rounds from the measured acceptance; the
+    candidates are the swept gammas, so it compiles nothing new. Compared with the best fixed gamma."""
+    planner, gamma, _, _ = costmodel.auto_plan(model.args, B, max_seq, dtype, device, "auto", budget or 256, (), S,
+                                               draft_model.args if draft_model is not None else None, kind == "full",
+                                               args.compile)
+    planner.gammas = tuple(args.gammas)
+    gamma = planner.choose_gamma(costmodel.prior_acceptance(budget or 256, S), budget or 256)[0]
+    sa = G.SpecArgs(mode, gamma, kind, budget or 256, args.sinks, args.snapkv_window, args.snapkv_recent,
+                    refresh=mode == "self", gamma_max=max(args.gammas), adapt_every=args.adapt_every, planner=planner)
+    r = run_engine(model, prompts, args.max_new_tokens, max_seq, args.prefill_chunk, args.attn, sa,
+                   draft_model if mode == "draft" else None, args.repeats)
+    best = max(fixed, key=lambda x: x["tokens_per_s"])
+    rec = dict(batch_size=B, prefix=S, speculate=mode, draft_kv=kind, budget=budget or None, start_gamma=gamma,
+               gammas_used={g: r.gammas.count(g) for g in sorted(set(r.gammas))}, tokens_per_s=decode_tps(r),
+               speedup=decode_tps(r) / ar_tps, acceptance=r.acceptance, best_fixed_gamma=best["gamma"],
+               best_fixed_tokens_per_s=best["tokens_per_s"], auto_over_best_fixed=decode_tps(r) / best["tokens_per_s"])
+    print(f"  {mode} {kind:9s} budget={budget:<5d} gamma=auto (start {gamma}, used {rec['gammas_used']}): "
+          f"{rec['tokens_per_s']:.2f} tok/s = {rec['auto_over_best_fixed']:.3f} of the best fixed gamma "
+          f"({best['gamma']})", flush=True)
+    return rec
 
 
 def planner_for(rec, hw, model, draft_model, itemsize, gammas=tuple(range(1, 9))):
@@ -758,6 +786,7 @@ def main(argv=None):
     s.add_argument("--draft_checkpoint_path", default=None, help="also sweep a standalone draft model")
     s.add_argument("--step_repeats", type=int, default=5)
     s.add_argument("--no_round_timing", action="store_true", help="skip timing whole speculation rounds")
+    s.add_argument("--adapt_every", type=int, default=8, help="also run --gamma auto, re-choosing every N rounds (0: skip)")
     s.set_defaults(func=mode_sweep)
 
     g = sub.add_parser("gpu", parents=[common, engine], help="CUDA: bandwidth, SD/AR, 8B step ratios")
@@ -773,6 +802,7 @@ def main(argv=None):
     g.add_argument("--draft_kv", type=strs, default=["streaming"])
     g.add_argument("--step_repeats", type=int, default=10)
     g.add_argument("--no_round_timing", action="store_true")
+    g.add_argument("--adapt_every", type=int, default=8, help="also run --gamma auto, re-choosing every N rounds (0: skip)")
     g.add_argument("--smoke", action="store_true", help="allow a non-CUDA device (pass tiny cases)")
     g.set_defaults(func=mode_gpu, max_new_tokens=128)
 
