@@ -94,6 +94,22 @@ def prefill(model, cache, tokens, prompt_lens, chunk):
     return logits
 
 
+_caches = {}  # role -> (how it was built, cache)
+
+
+def reuse(role, cls, *args, **kwargs):
+    """cls(*args, **kwargs), or the cache the previous generate() built the same way for this role.
+    CUDA graphs replay on the buffers they were recorded with: fresh caches on every call would make
+    each compiled step record its graphs again. Reuse is safe because nothing reads a slot before
+    this generation writes it (KVCache: a query reads positions <= its own, all written by prefill or
+    decode; DraftCache.fill rewrites every slot). One cache per role is kept; a new one frees the old."""
+    how = (cls, args, tuple(sorted(kwargs.items())))
+    if role not in _caches or _caches[role][0] != how:
+        _caches.pop(role, None)
+        _caches[role] = (how, cls(*args, **kwargs))
+    return _caches[role][1]
+
+
 @torch.no_grad()
 def setup_draft(sa: SpecArgs, target, cache, draft_model, tokens, prompt_lens, chunk, max_seq_len, attn="sdpa"):
     """Build the draft's cache from the prompts. Self-speculation compresses the target's full cache;
@@ -102,15 +118,17 @@ def setup_draft(sa: SpecArgs, target, cache, draft_model, tokens, prompt_lens, c
         draft_model, full = target, cache
     else:
         a = draft_model.args
-        full = KVCache(a.n_layer, tokens.shape[0], draft_model.layers[0].attention.n_kv_head, max_seq_len, a.head_dim,
-                       draft_model.tok_embeddings.weight.dtype, tokens.device, attn)
+        shape = (a.n_layer, tokens.shape[0], draft_model.layers[0].attention.n_kv_head, max_seq_len, a.head_dim,
+                 draft_model.tok_embeddings.weight.dtype, tokens.device, attn)
+        # only a full draft cache is read by the draft steps; otherwise it is freed once compressed
+        full = reuse("draft_full", KVCache, *shape) if sa.draft_kv == "full" else KVCache(*shape)
         prefill(draft_model, full, tokens, prompt_lens, chunk)
         if sa.draft_kv == "full":
             return draft_model, full
     a, heads = draft_model.args, draft_model.layers[0].attention
-    draft_cache = DraftCache(sa.draft_kv, a.n_layer, tokens.shape[0], full.k.shape[2], a.head_dim, sa.draft_budget,
-                             max(sa.gamma, sa.gamma_max), full.k.dtype, tokens.device, sinks=sa.sinks, recent=sa.snapkv_recent,
-                             attn=attn, q_per_kv=heads.n_head // heads.n_kv_head)
+    draft_cache = reuse("draft", DraftCache, sa.draft_kv, a.n_layer, tokens.shape[0], full.k.shape[2], a.head_dim,
+                        sa.draft_budget, max(sa.gamma, sa.gamma_max), full.k.dtype, tokens.device, sinks=sa.sinks,
+                        recent=sa.snapkv_recent, attn=attn, q_per_kv=heads.n_head // heads.n_kv_head)
     scores = None
     if sa.draft_kv == "snapkv":
         scores = snapkv_scores(draft_model, full, tokens, prompt_lens, sa.snapkv_window)
@@ -135,8 +153,8 @@ def generate(model: Transformer, prompts: list, max_new_tokens: int, eos_ids, s:
     a = model.args
     tokens, prompt_lens = pad_prompts(prompts, device)
     B = tokens.shape[0]
-    cache = KVCache(a.n_layer, B, model.layers[0].attention.n_kv_head, max_seq_len, a.head_dim,
-                    model.tok_embeddings.weight.dtype, device, attn)
+    cache = reuse("target", KVCache, a.n_layer, B, model.layers[0].attention.n_kv_head, max_seq_len, a.head_dim,
+                  model.tok_embeddings.weight.dtype, device, attn)
     eos = torch.tensor(sorted(eos_ids), device=device)
 
     sync(device)

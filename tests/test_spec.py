@@ -69,6 +69,26 @@ def test_greedy_speculation_equals_autoregressive(target, draft, prompts, ar, mo
         assert r.acceptance < 1.0
 
 
+@pytest.mark.parametrize("kind", ["streaming", "snapkv"])
+def test_caches_reused_across_calls_give_fresh_results(target, draft, prompts, kind):
+    """generate() keeps its caches for the next call of the same shapes (CUDA graphs stay valid);
+    whatever the last call left in them must not change the next one's tokens."""
+    import generate as G
+    sa = SpecArgs("draft", 3, kind, 24, sinks=4, snapkv_window=8, refresh=False)
+    others = [p[::-1] for p in prompts[1:]] + [prompts[0] * 3]
+
+    def run(ps):
+        return generate(target, ps, MAX_NEW, {0}, Sampling(), MAX_SEQ, sa=sa, draft_model=draft).tokens
+
+    G._caches.clear()
+    fresh = run(others)
+    run(prompts)
+    held = {role: cache for role, (_, cache) in G._caches.items()}
+    assert run(others) == fresh
+    assert set(held) == {"target", "draft"}  # the draft's full cache is freed once compressed
+    assert all(G._caches[role][1] is cache for role, cache in held.items())
+
+
 @pytest.mark.parametrize("mode", ["draft"])
 def test_standalone_draft_with_full_cache(target, draft, prompts, ar, mode):
     r = generate(target, prompts, MAX_NEW, {0}, Sampling(), MAX_SEQ, sa=SpecArgs(mode, 3, "full"), draft_model=draft)
