@@ -1,4 +1,4 @@
-# PNGs from a benchmark.py sweep (or gpu) JSON:
+# PNGs from a benchmark.py sweep (or gpu) JSON, or from a scripts/acceptance.py JSON (acceptance only):
 #   speedup_vs_batch.png       best SD speedup over AR against batch size, one line per prefix length
 #   acceptance_vs_budget.png   acceptance per draft token against draft budget, StreamingLLM vs SnapKV
 #   predicted_vs_measured.png  speedup predicted from measured step ratios and acceptance against measured
@@ -23,7 +23,17 @@ def sd_records(data):
 
 def title(data, what):
     env = data.get("env", {})
-    return f"{what}\n{env.get('device', '?')}, {data['settings'].get('dtype', '')}, {(env.get('commit') or '')[:8]}"
+    if not env:  # an acceptance.py JSON: device-independent, labelled by its settings
+        return f"{what}\n{data['prompt_len']}-token prompts, gamma {data['gamma']}, {data['dtype']}, {data['commit']}, {data['date']}"
+    return (f"{what}\n{env.get('device', '?')}, {data['settings'].get('dtype', '')}, "
+            f"{'compiled' if data['settings'].get('compile') else 'eager'}, {(env.get('commit') or '')[:8]}, {env.get('date', '')[:10]}")
+
+
+def acceptance_records(data):
+    """acceptance.py results with the defaults (refresh on; SnapKV's recent window budget/2), in the
+    sweep's record form."""
+    return [dict(r, prefix=data["prompt_len"]) for r in data["results"]
+            if r["refresh"] and r["snapkv_recent"] in (None, r["budget"] // 2)]
 
 
 def speedup_vs_batch(plt, data, records, out):
@@ -116,10 +126,12 @@ def main(argv=None):
 
     with open(path) as f:
         data = json.load(f)
+    os.makedirs(args.out, exist_ok=True)
+    if "results" in data and "prompt_len" in data:
+        return [acceptance_vs_budget(plt, data, acceptance_records(data), args.out)]
     records = [r for r in sd_records(data) if r["speculate"] == args.speculate]
     if not records:
         sys.exit(f"error: {path} has no --speculate {args.speculate} results")
-    os.makedirs(args.out, exist_ok=True)
     return [speedup_vs_batch(plt, data, records, args.out), acceptance_vs_budget(plt, data, records, args.out),
             predicted_vs_measured(plt, data, records, args.out)]
 
