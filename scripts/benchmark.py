@@ -451,6 +451,16 @@ def sweep_group(args, model, draft_model, prompts, B, S, dtype, device, hw):
         ar = run_engine(model, prompts, args.max_new_tokens, max_seq, args.prefill_chunk, args.attn, repeats=args.repeats)
         ar_tps = decode_tps(ar)
         print(f"AR B={B} S={S}: {ar_tps:.2f} tok/s", flush=True)
+        ar_runs = [ar_tps]
+
+        def ar_around():
+            """With --interleave, AR runs again after each SD run, and the SD run is compared with the
+            mean of the AR runs on either side: drift in machine speed then hits both alike."""
+            if not args.interleave:
+                return ar_tps
+            ar_runs.append(decode_tps(run_engine(model, prompts, args.max_new_tokens, max_seq, args.prefill_chunk,
+                                                 args.attn, repeats=args.repeats)))
+            return (ar_runs[-2] + ar_runs[-1]) / 2
         modes = ["self"] + (["draft"] if draft_model is not None else [])
         steps, samples = {}, []
         for mode in modes:
@@ -475,12 +485,12 @@ def sweep_group(args, model, draft_model, prompts, B, S, dtype, device, hw):
                                         args.snapkv_recent, refresh=mode == "self", gamma_max=gmax)
                         r = run_engine(model, prompts, args.max_new_tokens, max_seq, args.prefill_chunk, args.attn, sa,
                                        draft_model if mode == "draft" else None, args.repeats)
-                        tps = decode_tps(r)
+                        tps, ref = decode_tps(r), ar_around()
                         td = st["t_draft"]["full" if kind == "full" else budget] / st["t_target"]
                         tv = st["t_verify"][gamma] / st["t_target"]
                         rnd = st["t_round"].get(f"{budget}/{gamma}")
                         rec = dict(batch_size=B, prefix=S, speculate=mode, draft_kv=kind, budget=budget or None,
-                                   gamma=gamma, tokens_per_s=tps, speedup=tps / ar_tps, acceptance=r.acceptance,
+                                   gamma=gamma, tokens_per_s=tps, ar_tokens_per_s=ref, speedup=tps / ref, acceptance=r.acceptance,
                                    tokens_per_round=r.tokens_per_round, rounds=r.rounds, **agreement(r.tokens, ar.tokens),
                                    t_draft_over_t_target=td, t_verify_over_t_target=tv,
                                    t_round_over_t_target=rnd / st["t_target"] if rnd else None,
@@ -497,8 +507,8 @@ def sweep_group(args, model, draft_model, prompts, B, S, dtype, device, hw):
                               f"T_V/T_T {tv:.3f}, rows equal to AR {rec['rows_equal']:.2f}", flush=True)
                     if args.adapt_every:
                         auto.append(run_auto(args, model, dm, prompts, B, S, mode, kind, budget, max_seq, dtype, device,
-                                             ar_tps, sd[-len(args.gammas):]))
-    ar_rec = dict(batch_size=B, prefix=S, tokens_per_s=ar_tps, decode_s=ar.decode_s,
+                                             ar_around, sd[-len(args.gammas):]))
+    ar_rec = dict(batch_size=B, prefix=S, tokens_per_s=ar_tps, tokens_per_s_runs=ar_runs, decode_s=ar.decode_s,
                   first_prefill_s=next(iter(prefill_s.values())),
                   max_seq_len=max_seq, t_target_s={m: st["t_target"] for m, st in steps.items()})
     ar_rec["gamma_auto"] = auto
@@ -506,7 +516,7 @@ def sweep_group(args, model, draft_model, prompts, B, S, dtype, device, hw):
     return ar_rec, sd, step_rec, samples
 
 
-def run_auto(args, model, draft_model, prompts, B, S, mode, kind, budget, max_seq, dtype, device, ar_tps, fixed):
+def run_auto(args, model, draft_model, prompts, B, S, mode, kind, budget, max_seq, dtype, device, ar_around, fixed):
     """What --gamma auto does (generate.choose_speculation): gamma from the cost model and the prior
     acceptance at start, re-chosen every adapt_every rounds from the measured acceptance; the
     candidates are the swept gammas, so it compiles nothing new. Compared with the best fixed gamma."""
@@ -519,11 +529,12 @@ def run_auto(args, model, draft_model, prompts, B, S, mode, kind, budget, max_se
                     refresh=mode == "self", gamma_max=max(args.gammas), adapt_every=args.adapt_every, planner=planner)
     r = run_engine(model, prompts, args.max_new_tokens, max_seq, args.prefill_chunk, args.attn, sa,
                    draft_model if mode == "draft" else None, args.repeats)
-    best = max(fixed, key=lambda x: x["tokens_per_s"])
+    tps, ref = decode_tps(r), ar_around()
+    best = max(fixed, key=lambda x: x["speedup"])  # speedups: each against the AR runs next to it
     rec = dict(batch_size=B, prefix=S, speculate=mode, draft_kv=kind, budget=budget or None, start_gamma=gamma,
-               gammas_used={g: r.gammas.count(g) for g in sorted(set(r.gammas))}, tokens_per_s=decode_tps(r),
-               speedup=decode_tps(r) / ar_tps, acceptance=r.acceptance, best_fixed_gamma=best["gamma"],
-               best_fixed_tokens_per_s=best["tokens_per_s"], auto_over_best_fixed=decode_tps(r) / best["tokens_per_s"])
+               gammas_used={g: r.gammas.count(g) for g in sorted(set(r.gammas))}, tokens_per_s=tps,
+               ar_tokens_per_s=ref, speedup=tps / ref, acceptance=r.acceptance, best_fixed_gamma=best["gamma"],
+               best_fixed_speedup=best["speedup"], auto_over_best_fixed=tps / ref / best["speedup"])
     print(f"  {mode} {kind:9s} budget={budget:<5d} gamma=auto (start {gamma}, used {rec['gammas_used']}): "
           f"{rec['tokens_per_s']:.2f} tok/s = {rec['auto_over_best_fixed']:.3f} of the best fixed gamma "
           f"({best['gamma']})", flush=True)
@@ -791,6 +802,8 @@ def main(argv=None):
     s.add_argument("--step_repeats", type=int, default=5)
     s.add_argument("--no_round_timing", action="store_true", help="skip timing whole speculation rounds")
     s.add_argument("--adapt_every", type=int, default=8, help="also run --gamma auto, re-choosing every N rounds (0: skip)")
+    s.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=True,
+                   help="run AR again after every SD run and compare each with the AR runs around it")
     s.set_defaults(func=mode_sweep)
 
     g = sub.add_parser("gpu", parents=[common, engine], help="CUDA: bandwidth, SD/AR, 8B step ratios")
@@ -807,6 +820,8 @@ def main(argv=None):
     g.add_argument("--step_repeats", type=int, default=10)
     g.add_argument("--no_round_timing", action="store_true")
     g.add_argument("--adapt_every", type=int, default=8, help="also run --gamma auto, re-choosing every N rounds (0: skip)")
+    g.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=True,
+                   help="run AR again after every SD run and compare each with the AR runs around it")
     g.add_argument("--smoke", action="store_true", help="allow a non-CUDA device (pass tiny cases)")
     g.set_defaults(func=mode_gpu, max_new_tokens=128)
 
