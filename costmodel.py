@@ -148,12 +148,12 @@ class Planner:
 
 
 def auto_plan(target: ModelArgs, batch: int, slots: int, dtype, device, gamma, budget, budgets=(), prompt_len=0,
-              draft: Optional[ModelArgs] = None, draft_full_cache=False, compiled=False):
+              draft: Optional[ModelArgs] = None, draft_full_cache=False, compiled=False, gammas=tuple(range(1, 9))):
     """--gamma auto / --draft_budget auto: measure the device, then fill in whichever is "auto" from
-    the prior acceptance (budgets: the candidates). -> (planner, gamma, budget, predicted speedup)."""
+    the prior acceptance (budgets, gammas: the candidates). -> (planner, gamma, budget, predicted speedup)."""
     cuda = torch.device(device).type == "cuda"
     hw = measure_hardware(device, dtype, ops_per_layer=(1 if cuda else 10) if compiled else 40)
-    p = Planner(hw, target, batch, slots, dtype.itemsize, draft, draft_full_cache)
+    p = Planner(hw, target, batch, slots, dtype.itemsize, draft, draft_full_cache, tuple(gammas))
     if budget == "auto":
         table = {b: prior_acceptance(b, prompt_len) for b in budgets}
         if gamma == "auto":

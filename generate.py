@@ -118,10 +118,10 @@ def setup_draft(sa: SpecArgs, target, cache, draft_model, tokens, prompt_lens, c
         draft_model, full = target, cache
     else:
         a = draft_model.args
-        shape = (a.n_layer, tokens.shape[0], draft_model.layers[0].attention.n_kv_head, max_seq_len, a.head_dim,
-                 draft_model.tok_embeddings.weight.dtype, tokens.device, attn)
+        cache_args = (a.n_layer, tokens.shape[0], draft_model.layers[0].attention.n_kv_head, max_seq_len, a.head_dim,
+                      draft_model.tok_embeddings.weight.dtype, tokens.device, attn)
         # only a full draft cache is read by the draft steps; otherwise it is freed once compressed
-        full = reuse("draft_full", KVCache, *shape) if sa.draft_kv == "full" else KVCache(*shape)
+        full = reuse("draft_full", KVCache, *cache_args) if sa.draft_kv == "full" else KVCache(*cache_args)
         prefill(draft_model, full, tokens, prompt_lens, chunk)
         if sa.draft_kv == "full":
             return draft_model, full

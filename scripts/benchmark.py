@@ -66,10 +66,11 @@ def environment(device):
     except ImportError:
         tf_version = None
     now = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    head = git("rev-parse", "HEAD")
     return dict(device=G.device_name(torch.device(device)), date=now,
                 # a copy of the tree without .git (a remote machine) names its commit in GIT_COMMIT
-                commit=git("rev-parse", "HEAD") or os.environ.get("GIT_COMMIT"),
-                uncommitted_changes=None if git("rev-parse", "HEAD") is None else bool(git("status", "--porcelain", "-uno")),
+                commit=head or os.environ.get("GIT_COMMIT"),
+                uncommitted_changes=None if head is None else bool(git("status", "--porcelain", "-uno")),
                 torch=torch.__version__, transformers=tf_version, python=platform.python_version(),
                 torch_threads=torch.get_num_threads(), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS"))
 
@@ -522,9 +523,7 @@ def run_auto(args, model, draft_model, prompts, B, S, mode, kind, budget, max_se
     candidates are the swept gammas, so it compiles nothing new. Compared with the best fixed gamma."""
     planner, gamma, _, _ = costmodel.auto_plan(model.args, B, max_seq, dtype, device, "auto", budget or 256, (), S,
                                                draft_model.args if draft_model is not None else None, kind == "full",
-                                               args.compile)
-    planner.gammas = tuple(args.gammas)
-    gamma = planner.choose_gamma(costmodel.prior_acceptance(budget or 256, S), budget or 256)[0]
+                                               args.compile, args.gammas)
     sa = G.SpecArgs(mode, gamma, kind, budget or 256, args.sinks, args.snapkv_window, args.snapkv_recent,
                     refresh=mode == "self", gamma_max=max(args.gammas), adapt_every=args.adapt_every, planner=planner)
     r = run_engine(model, prompts, args.max_new_tokens, max_seq, args.prefill_chunk, args.attn, sa,
