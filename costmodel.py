@@ -29,7 +29,7 @@ class Hardware:
     layer_overhead: float = 0.0  # seconds per layer per forward (kernel launches, Python dispatch)
 
 
-def _median_time(fn, device, repeats):
+def median_time(fn, device, repeats):
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     fn()  # the first call pays allocation and kernel selection
     times = []
@@ -51,12 +51,12 @@ def measure_hardware(device, dtype, copy_bytes=0, matmul_n=0, repeats=5, ops_per
     matmul_n = matmul_n or (8192 if cuda else 1024)
     x = torch.empty(copy_bytes // dtype.itemsize, dtype=dtype, device=device)
     y = torch.empty_like(x)
-    bw = 2 * copy_bytes / _median_time(lambda: y.copy_(x), device, repeats)
+    bw = 2 * copy_bytes / median_time(lambda: y.copy_(x), device, repeats)
     a = torch.randn(matmul_n, matmul_n, device=device).to(dtype)
     b = torch.randn(matmul_n, matmul_n, device=device).to(dtype)
-    flops = 2 * matmul_n ** 3 / _median_time(lambda: a @ b, device, repeats)
+    flops = 2 * matmul_n ** 3 / median_time(lambda: a @ b, device, repeats)
     t = torch.zeros(8, device=device)
-    launch = _median_time(lambda: [t.add_(1) for _ in range(200)], device, repeats) / 200
+    launch = median_time(lambda: [t.add_(1) for _ in range(200)], device, repeats) / 200
     return Hardware(bw, flops, launch * ops_per_layer)
 
 
@@ -127,14 +127,31 @@ class Planner:
     draft: Optional[ModelArgs] = None  # None: self-speculation (the target's weights, a sparse cache)
     draft_full_cache: bool = False  # a standalone draft reading its own full cache
     gammas: tuple = tuple(range(1, 9))
+    alpha: float = 0.9  # the acceptance estimate the starting gamma was chosen with
+    measured: Optional[tuple] = None  # (t_target, t_verify, its gamma, t_draft, its budget), see calibrate
+
+    def calibrate(self, t_target: float, t_verify: float, gamma: int, t_draft: float, budget: int):
+        """Replace the predicted ratios by ones from this run's own steps, timed once: a target step,
+        a verify step of `gamma` drafts and a draft step at `budget`. The roofline misses what the
+        attention kernel really costs per extra query (on a CPU a 5-token verify can cost 1.4 target
+        steps, where bytes alone say 1.0) and the weight of per-step overheads in the draft."""
+        self.measured = (t_target, t_verify, gamma, t_draft, budget)
+
+    def draft_time(self, gamma: int, budget: int):
+        draft_slots = self.slots if self.draft_full_cache else budget + gamma + 1
+        return step_time(self.hw, self.draft or self.target, self.batch, 1, draft_slots, self.itemsize)
 
     def ratios(self, gamma: int, budget: int):
-        """(T_D/T_T, T_V/T_T) predicted for this gamma and draft budget."""
+        """(T_D/T_T, T_V/T_T) for this gamma and draft budget: predicted, or from calibrate's timings."""
+        if self.measured is not None:
+            t_t, t_v, g, t_d, b = self.measured
+            # the verify step's extra cost grows linearly with the drafts it checks; another budget
+            # scales the measured draft step as the model scales it
+            tv = 1 + max(t_v / t_t - 1, 0.0) * gamma / g
+            return t_d / t_t * self.draft_time(gamma, budget) / self.draft_time(g, b), tv
         t_t = step_time(self.hw, self.target, self.batch, 1, self.slots, self.itemsize)
         t_v = step_time(self.hw, self.target, self.batch, gamma + 1, self.slots, self.itemsize)
-        draft_slots = self.slots if self.draft_full_cache else budget + gamma + 1
-        t_d = step_time(self.hw, self.draft or self.target, self.batch, 1, draft_slots, self.itemsize)
-        return t_d / t_t, t_v / t_t
+        return self.draft_time(gamma, budget) / t_t, t_v / t_t
 
     def choose_gamma(self, alpha: float, budget: int):
         """-> (gamma, predicted speedup); ties go to the smaller gamma."""
@@ -160,7 +177,7 @@ def auto_plan(target: ModelArgs, batch: int, slots: int, dtype, device, gamma, b
             budget = p.choose(table)[0]
         else:
             budget = max(budgets, key=lambda b: speedup(table[b], gamma, *p.ratios(gamma, b)))
-    alpha = prior_acceptance(budget, prompt_len)
+    alpha = p.alpha = prior_acceptance(budget, prompt_len)
     if gamma == "auto":
         gamma = p.choose_gamma(alpha, budget)[0]
     return p, gamma, budget, speedup(alpha, gamma, *p.ratios(gamma, budget))

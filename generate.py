@@ -46,6 +46,7 @@ class Result:
     evaluated: int = 0  # draft tokens verified up to and including each round's first rejection
     row_rounds: int = 0  # (row, round) pairs with the row still active
     gammas: list = None  # gamma of each round
+    round_s: list = None  # wall seconds of each step or round (each ends at the host sync of the next)
 
     @property
     def acceptance(self):  # per-token acceptance rate alpha
@@ -142,11 +143,38 @@ def sync(device):
 
 
 @torch.no_grad()
+def calibrate_gamma(sa: SpecArgs, target, cache, draft_model, draft_cache, pos, s: Sampling) -> int:
+    """--gamma auto: time this run's own target step, verify step (at the planner's first gamma) and
+    draft step, so that the planner's step ratios are measured ones, and return the starting gamma
+    they give at the prior acceptance. The steps write junk K/V at positions >= pos [B]; decoding
+    writes each of those positions before any query reads it (see kv_cache.py), in the draft cache
+    too. Under tensor parallelism every rank takes rank 0's timings, so all choose alike."""
+    import costmodel
+
+    B, g, V = pos.shape[0], sa.gamma, target.args.vocab_size
+    cur = torch.zeros(B, dtype=torch.long, device=pos.device)
+    drafts = torch.zeros(B, g, dtype=torch.long, device=pos.device)
+    q = torch.nn.functional.one_hot(drafts, V).float()
+    refresh = draft_cache if sa.refresh and sa.mode == "self" else None
+    t_t = costmodel.median_time(lambda: decode_step(target, cache, cur, pos, s), pos.device, 3)
+    t_v = costmodel.median_time(lambda: spec.verify_step(target, cache, cur, drafts, q, pos, s, refresh), pos.device, 3)
+    t_d = costmodel.median_time(lambda: spec.draft_step(draft_model, draft_cache, cur[:, None], pos[:, None], s),
+                                pos.device, 3)
+    times = [t_t, t_v, t_d]
+    if torch.distributed.is_initialized():
+        torch.distributed.broadcast_object_list(times, src=0)
+    sa.planner.calibrate(times[0], times[1], g, times[2], sa.draft_budget)
+    return sa.planner.choose_gamma(sa.planner.alpha, sa.draft_budget)[0]
+
+
+@torch.no_grad()
 def generate(model: Transformer, prompts: list, max_new_tokens: int, eos_ids, s: Sampling, max_seq_len: int,
              prefill_chunk: int = 512, sa: Optional[SpecArgs] = None, draft_model: Optional[Transformer] = None,
              attn: str = "sdpa") -> Result:
     """Generate for a ragged batch of prompts (lists of token ids). Each row stops at its own EOS or
-    after max_new_tokens; finished rows idle (static shapes) without affecting the others.
+    after max_new_tokens; finished rows idle (static shapes) without affecting the others. The
+    prefill time includes the draft cache's setup and, with sa.planner (--gamma auto), the timing
+    of the steps that calibrates it.
     attn: attention backend, sdpa | flex | flash (flash: the target's cache; drafts then use SDPA)."""
     device = model.tok_embeddings.weight.device
     sa = sa or SpecArgs()
@@ -160,12 +188,13 @@ def generate(model: Transformer, prompts: list, max_new_tokens: int, eos_ids, s:
     sync(device)
     t0 = time.perf_counter()
     first = sample(logits_to_probs(prefill(model, cache, tokens, prompt_lens, prefill_chunk), s))
+    gamma, width = sa.gamma, 1
     if sa.mode != "none":
         draft_model, draft_cache = setup_draft(sa, model, cache, draft_model, tokens, prompt_lens,
                                                prefill_chunk, max_seq_len, attn)
         width = max(sa.gamma, sa.gamma_max) + 1
-    else:
-        width = 1
+        if sa.planner is not None:
+            gamma = calibrate_gamma(sa, model, cache, draft_model, draft_cache, prompt_lens, s)
     sync(device)
     t1 = time.perf_counter()
 
@@ -177,8 +206,10 @@ def generate(model: Transformer, prompts: list, max_new_tokens: int, eos_ids, s:
     done = torch.isin(first, eos) | (n_gen >= max_new_tokens)
     cols = torch.arange(width, device=device)
     stats = torch.zeros(3, dtype=torch.long, device=device)  # accepted, evaluated, row-rounds
-    rounds, gamma, gammas, seen = 0, sa.gamma, [], stats[:2].clone()
+    rounds, gammas, seen = 0, [], stats[:2].clone()
+    marks = []
     while not bool(done.all()):  # the one host sync per step/round
+        marks.append(time.perf_counter())
         pos = prompt_lens + n_gen - 1
         if sa.mode == "none":
             emitted = decode_step(model, cache, last2[:, 1].contiguous(), pos, s)[:, None]
@@ -206,6 +237,7 @@ def generate(model: Transformer, prompts: list, max_new_tokens: int, eos_ids, s:
                 gamma = sa.planner.choose_gamma(acc / ev, sa.draft_budget)[0]
     sync(device)
     t2 = time.perf_counter()
+    round_s = [b - a for a, b in zip(marks, marks[1:] + [t2])]
 
     rows = []
     for row, n in zip(out.tolist(), n_gen.tolist()):
@@ -213,7 +245,7 @@ def generate(model: Transformer, prompts: list, max_new_tokens: int, eos_ids, s:
         stop = next((i for i, t in enumerate(row) if t in eos_ids), None)
         rows.append(row if stop is None else row[: stop + 1])
     acc, ev, rr = stats.tolist()
-    return Result(rows, t1 - t0, t2 - t1, rounds, acc, ev, rr, gammas)
+    return Result(rows, t1 - t0, t2 - t1, rounds, acc, ev, rr, gammas, round_s)
 
 
 class Parser(argparse.ArgumentParser):
@@ -370,7 +402,7 @@ def main(argv=None):
         f"({B} rows, {device}, {dtype})")
     if args.speculate != "none":
         say(f"acceptance per draft token {res.acceptance:.3f}, tokens per round {res.tokens_per_round:.2f} "
-            f"(gamma {f'auto, last {res.gammas[-1]}' if args.gamma == 'auto' and res.gammas else gamma}, "
+            f"(gamma {f'auto: first {res.gammas[0]}, last {res.gammas[-1]}' if args.gamma == 'auto' and res.gammas else gamma}, "
             f"{args.draft_kv}, budget {budget})")
     if args.json and rank == 0:
         with open(args.json, "w") as f:

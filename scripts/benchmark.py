@@ -210,11 +210,22 @@ def decode_tps(r):
     return (sum(map(len, r.tokens)) - len(r.tokens)) / r.decode_s
 
 
-def run_engine(model, prompts, n_new, max_seq_len, chunk, attn, sa=None, draft_model=None, repeats=1):
+def median_step_tps(r):
+    """Decode tokens per second with every step (or round of one gamma) taking the median time of its
+    kind. Static shapes make all of them cost the same, so the median keeps the run's own speed and
+    drops the stalls other processes cause, which on a shared machine swing wall time by 2-4x."""
+    by_gamma = {}
+    for g, t in zip(r.gammas or [0] * len(r.round_s), r.round_s):
+        by_gamma.setdefault(g, []).append(t)
+    return (sum(map(len, r.tokens)) - len(r.tokens)) / sum(len(ts) * statistics.median(ts) for ts in by_gamma.values())
+
+
+def run_engine(model, prompts, n_new, max_seq_len, chunk, attn, sa=None, draft_model=None, repeats=1, warm=True):
     """A short warm-up (compiles every shape the run uses), then the median of `repeats` runs."""
-    warm = 2 * ((sa.gamma + 1) if sa and sa.mode != "none" else 1) + 1
     kw = dict(attn=attn_kind(attn))
-    G.generate(model, prompts, min(n_new, warm), NO_EOS, GREEDY, max_seq_len, chunk, sa, draft_model, **kw)
+    if warm:
+        n_warm = 2 * ((max(sa.gamma, sa.gamma_max) + 1) if sa and sa.mode != "none" else 1) + 1
+        G.generate(model, prompts, min(n_new, n_warm), NO_EOS, GREEDY, max_seq_len, chunk, sa, draft_model, **kw)
     runs = [G.generate(model, prompts, n_new, NO_EOS, GREEDY, max_seq_len, chunk, sa, draft_model, **kw)
             for _ in range(repeats)]
     return sorted(runs, key=lambda r: r.decode_s)[len(runs) // 2]
@@ -333,37 +344,50 @@ def step_times(model, batch, slots, pos, gammas, budgets, dtype, device, draft_m
     """Median seconds of one AR target step, one verify step per gamma, one draft step per budget (a
     StreamingLLM cache: SnapKV has the same shapes) and, with rounds, one whole speculation round per
     (budget, gamma) (drafts + verify + refreshing the draft cache), at batch `batch` against a target
-    cache of `slots` slots with every row at position `pos`. Cache contents do not change the timings,
-    so the caches are not prefilled."""
-    inner = 1 if torch.device(device).type == "cpu" else 10
-    timed = lambda fn: median_time(fn, device, warmup=2, repeats=repeats, inner=inner)  # noqa: E731
+    cache of `slots` slots with every row at position `pos`. Self-speculation's verify steps refresh
+    a draft cache of the first budget, as they do in generate(). The steps are timed in turn, one
+    call each per cycle, so that a drift in machine speed hits them alike. Cache contents do not
+    change the timings, so the caches are not prefilled."""
+    cuda = torch.device(device).type == "cuda"
+    inner = 1 if not cuda else 10
     cache = new_cache(model, batch, slots, dtype, device, attn)
     cur = torch.ones(batch, dtype=torch.long, device=device)
     at = torch.full((batch,), pos, dtype=torch.long, device=device)
-    V = model.args.vocab_size
-    out = dict(t_target=timed(lambda: G.decode_step(model, cache, cur, at, GREEDY)), t_verify={}, t_draft={}, t_round={})
+    last2 = torch.ones(batch, 2, dtype=torch.long, device=device)
+    dm = draft_model or model
+    da, heads = dm.args, dm.layers[0].attention
+    full = cache if draft_model is None else new_cache(dm, batch, slots, dtype, device, attn)
+
+    def sparse(b):
+        dc = DraftCache("streaming", da.n_layer, batch, heads.n_kv_head, da.head_dim, b, max(gammas), dtype, device,
+                        sinks=min(sinks, b - 1), attn=attn_kind(attn), q_per_kv=heads.n_head // heads.n_kv_head)
+        dc.fill(full, at + 1)
+        return dc
+
+    draft_caches = {b: full if b == "full" else sparse(b) for b in (["full"] if draft_full else budgets)}
+    refreshed = draft_caches[budgets[0]] if draft_model is None and budgets else None
+    steps = [("t_target", None, lambda: G.decode_step(model, cache, cur, at, GREEDY))]
     for g in gammas:
         drafts = torch.ones(batch, g, dtype=torch.long, device=device)
-        q = torch.nn.functional.one_hot(drafts, V).float()
-        out["t_verify"][g] = timed(lambda: spec.verify_step(model, cache, cur, drafts, q, at, GREEDY))
-    dm = draft_model or model
-    da = dm.args
-    full = cache if draft_model is None else new_cache(dm, batch, slots, dtype, device, attn)
-    heads = dm.layers[0].attention
-    lens = at + 1
-    last2 = torch.ones(batch, 2, dtype=torch.long, device=device)
-    for b in (["full"] if draft_full else budgets):
-        if b == "full":
-            dc = full
-        else:
-            dc = DraftCache("streaming", da.n_layer, batch, heads.n_kv_head, da.head_dim, b, max(gammas), dtype, device,
-                            sinks=min(sinks, b - 1), attn=attn_kind(attn), q_per_kv=heads.n_head // heads.n_kv_head)
-            dc.fill(full, lens)
-        out["t_draft"][b] = timed(lambda: spec.draft_step(dm, dc, cur[:, None], at[:, None], GREEDY))
+        q = torch.nn.functional.one_hot(drafts, model.args.vocab_size).float()
+        steps.append(("t_verify", g, lambda d=drafts, q=q: spec.verify_step(model, cache, cur, d, q, at, GREEDY, refreshed)))
+    for b, dc in draft_caches.items():
+        steps.append(("t_draft", b, lambda dc=dc: spec.draft_step(dm, dc, cur[:, None], at[:, None], GREEDY)))
         for g in gammas if rounds else []:
-            out["t_round"][f"{b}/{g}"] = timed(lambda: spec.speculate_round(model, cache, dm, dc, last2, at, g, GREEDY,
-                                                                            draft_model is None))
-        del dc
+            steps.append(("t_round", f"{b}/{g}", lambda dc=dc, g=g: spec.speculate_round(model, cache, dm, dc, last2, at, g,
+                                                                                         GREEDY, draft_model is None)))
+    times = [[] for _ in steps]
+    for cycle in range(2 + repeats):  # two warm-up cycles
+        for (_, _, fn), ts in zip(steps, times):
+            t = median_time(fn, device, warmup=0, repeats=1, inner=inner)
+            if cycle >= 2:
+                ts.append(t)
+    out = dict(t_target=None, t_verify={}, t_draft={}, t_round={})
+    for (name, key, _), ts in zip(steps, times):
+        if key is None:
+            out[name] = statistics.median(ts)
+        else:
+            out[name][key] = statistics.median(ts)
     return out
 
 
@@ -443,101 +467,111 @@ def mode_ar(args):
 # ---------------------------------------------------------------- sweep
 
 def sweep_group(args, model, draft_model, prompts, B, S, dtype, device, hw):
-    """AR and every speculative configuration at one batch size and prefix length (prefill reused)."""
+    """AR and every speculative configuration at one batch size and prefix length (prefill reused).
+
+    The machine's speed may drift by 2-4x within minutes (shared cores), so: every configuration
+    runs --repeats times, in cycles over all of them; AR runs again after every SD run, and each SD
+    run is compared with the mean of the AR runs on either side; a run's tokens/s is taken at its
+    median step (median_step_tps); a configuration's speedup is the median over its cycles. Wall-time
+    figures are recorded next to them."""
     gmax = max(args.gammas)
     max_seq = S + args.max_new_tokens + gmax + 1  # the same cache for AR and SD: same attention cost
     itemsize = dtype.itemsize
     read = kv_read_slots(args.attn, S + args.max_new_tokens // 2, max_seq)  # at the middle of the run
+    run = lambda sa=None, dm=None, warm=False: run_engine(model, prompts, args.max_new_tokens, max_seq,  # noqa: E731
+                                                           args.prefill_chunk, args.attn, sa, dm, warm=warm)
+    modes = ["self"] + (["draft"] if draft_model is not None else [])
+    configs = []  # (mode, draft kind, budget (0: full cache), gamma or "auto")
+    for mode in modes:
+        for kind in [k for k in args.draft_kv if mode == "draft" or k != "full"]:
+            for budget in ([0] if kind == "full" else args.budgets):
+                configs += [(mode, kind, budget, g) for g in args.gammas] + ([(mode, kind, budget, "auto")] if args.adapt_every else [])
     with reuse_prefill() as prefill_s:
-        ar = run_engine(model, prompts, args.max_new_tokens, max_seq, args.prefill_chunk, args.attn, repeats=args.repeats)
-        ar_tps = decode_tps(ar)
-        print(f"AR B={B} S={S}: {ar_tps:.2f} tok/s", flush=True)
-        ar_runs = [ar_tps]
-
-        def ar_around():
-            """With --interleave, AR runs again after each SD run, and the SD run is compared with the
-            mean of the AR runs on either side: drift in machine speed then hits both alike."""
-            if not args.interleave:
-                return ar_tps
-            ar_runs.append(decode_tps(run_engine(model, prompts, args.max_new_tokens, max_seq, args.prefill_chunk,
-                                                 args.attn, repeats=args.repeats)))
-            return (ar_runs[-2] + ar_runs[-1]) / 2
-        modes = ["self"] + (["draft"] if draft_model is not None else [])
+        ar = run(warm=True)
+        ar_runs = [(decode_tps(ar), median_step_tps(ar))]
+        print(f"AR B={B} S={S}: {ar_runs[0][0]:.2f} tok/s, {ar_runs[0][1]:.2f} at the median step", flush=True)
         steps, samples = {}, []
         for mode in modes:
             dm = draft_model if mode == "draft" else None
-            has_full = mode == "draft" and "full" in args.draft_kv
             st = step_times(model, B, max_seq, S + args.max_new_tokens // 2, args.gammas, args.budgets, dtype, device,
                             dm, False, args.sinks, args.step_repeats, not args.no_round_timing, args.attn)
-            if has_full:
+            if mode == "draft" and "full" in args.draft_kv:
                 st["t_draft"]["full"] = step_times(model, B, max_seq, S, [1], [], dtype, device, dm, True, args.sinks,
                                                    args.step_repeats, False, args.attn)["t_draft"]["full"]
             steps[mode] = st
             samples += cost_samples(model, dm, B, read, args.gammas, st, itemsize)
-        sd, auto = [], []
-        for mode in modes:
-            st = steps[mode]
-            kinds = [k for k in args.draft_kv if mode == "draft" or k != "full"]
-            for kind in kinds:
-                for budget in ([0] if kind == "full" else args.budgets):
-                    for gamma in args.gammas:
-                        # gamma_max: every gamma shares one draft-cache shape, that of step_times (one compile)
-                        sa = G.SpecArgs(mode, gamma, kind, budget or 256, args.sinks, args.snapkv_window,
-                                        args.snapkv_recent, refresh=mode == "self", gamma_max=gmax)
-                        r = run_engine(model, prompts, args.max_new_tokens, max_seq, args.prefill_chunk, args.attn, sa,
-                                       draft_model if mode == "draft" else None, args.repeats)
-                        tps, ref = decode_tps(r), ar_around()
-                        td = st["t_draft"]["full" if kind == "full" else budget] / st["t_target"]
-                        tv = st["t_verify"][gamma] / st["t_target"]
-                        rnd = st["t_round"].get(f"{budget}/{gamma}")
-                        rec = dict(batch_size=B, prefix=S, speculate=mode, draft_kv=kind, budget=budget or None,
-                                   gamma=gamma, tokens_per_s=tps, ar_tokens_per_s=ref, speedup=tps / ref, acceptance=r.acceptance,
-                                   tokens_per_round=r.tokens_per_round, rounds=r.rounds, **agreement(r.tokens, ar.tokens),
-                                   t_draft_over_t_target=td, t_verify_over_t_target=tv,
-                                   t_round_over_t_target=rnd / st["t_target"] if rnd else None,
-                                   predicted_speedup=costmodel.speedup(r.acceptance, gamma, td, tv),
-                                   # a whole round timed alone also counts the draft refresh and the glue
-                                   predicted_speedup_from_round=(r.tokens_per_round * st["t_target"] / rnd) if rnd else None,
-                                   max_seq_len=max_seq,
-                                   kv_slots_read=read)
-                        sd.append(rec)
-                        print(f"  {mode} {kind:9s} budget={budget:<5d} gamma={gamma}: {tps:.2f} tok/s, speedup "
-                              f"{rec['speedup']:.2f} (from measured ratios {rec['predicted_speedup']:.2f}, from a "
-                              f"timed round {rec['predicted_speedup_from_round'] or float('nan'):.2f}), "
-                              f"alpha {r.acceptance:.3f}, {r.tokens_per_round:.2f} tok/round, T_D/T_T {td:.3f}, "
-                              f"T_V/T_T {tv:.3f}, rows equal to AR {rec['rows_equal']:.2f}", flush=True)
-                    if args.adapt_every:
-                        auto.append(run_auto(args, model, dm, prompts, B, S, mode, kind, budget, max_seq, dtype, device,
-                                             ar_around, sd[-len(args.gammas):]))
-    ar_rec = dict(batch_size=B, prefix=S, tokens_per_s=ar_tps, tokens_per_s_runs=ar_runs, decode_s=ar.decode_s,
-                  first_prefill_s=next(iter(prefill_s.values())),
-                  max_seq_len=max_seq, t_target_s={m: st["t_target"] for m, st in steps.items()})
-    ar_rec["gamma_auto"] = auto
+        runs = {c: [] for c in configs}  # per cycle: (Result, wall tok/s, median-step tok/s, AR wall, AR median-step)
+        for cycle in range(args.repeats):
+            for c in configs:
+                mode, kind, budget, gamma = c
+                sa = G.SpecArgs(mode, gamma, kind, budget or 256, args.sinks, args.snapkv_window, args.snapkv_recent,
+                                refresh=mode == "self", gamma_max=gmax)  # one draft-cache shape for all gammas
+                if gamma == "auto":
+                    sa.planner, sa.gamma, _, _ = costmodel.auto_plan(
+                        model.args, B, max_seq, dtype, device, "auto", budget or 256, (), S,
+                        draft_model.args if mode == "draft" else None, kind == "full", args.compile, args.gammas)
+                    sa.adapt_every = args.adapt_every
+                r = run(sa, draft_model if mode == "draft" else None, warm=cycle == 0)
+                if args.interleave:
+                    a = run()
+                    ar_runs.append((decode_tps(a), median_step_tps(a)))
+                ref = [(x + y) / 2 for x, y in zip(*ar_runs[-2:])] if args.interleave else ar_runs[0]
+                runs[c].append((r, decode_tps(r), median_step_tps(r), *ref))
+                print(f"  cycle {cycle} {mode} {kind} budget={budget} gamma={gamma}"
+                      f"{f' (used {sorted(set(r.gammas))})' if gamma == 'auto' else ''}: {runs[c][-1][2]:.2f} tok/s at the "
+                      f"median step, speedup {runs[c][-1][2] / ref[1]:.2f} ({runs[c][-1][1] / ref[0]:.2f} by wall time)",
+                      flush=True)
+    med = statistics.median
+    sd, auto = [], []
+    for c in configs:
+        mode, kind, budget, gamma = c
+        rs = runs[c]
+        r = rs[0][0]
+        common = dict(batch_size=B, prefix=S, speculate=mode, draft_kv=kind, budget=budget or None,
+                      tokens_per_s=med(x[1] for x in rs), tokens_per_s_median_step=med(x[2] for x in rs),
+                      ar_tokens_per_s=med(x[3] for x in rs), ar_tokens_per_s_median_step=med(x[4] for x in rs),
+                      speedup=med(x[2] / x[4] for x in rs), speedup_wall=med(x[1] / x[3] for x in rs),
+                      speedup_runs=[x[2] / x[4] for x in rs], acceptance=statistics.mean(x[0].acceptance for x in rs),
+                      tokens_per_round=statistics.mean(x[0].tokens_per_round for x in rs), **agreement(r.tokens, ar.tokens))
+        if gamma == "auto":
+            fixed = [x for x in sd if x["speculate"] == mode and x["draft_kv"] == kind and x["budget"] == (budget or None)]
+            best = max(fixed, key=lambda x: x["speedup"])
+            per_cycle = [x[2] / x[4] / s for x, s in zip(rs, best["speedup_runs"])]  # against the best, cycle by cycle
+            rec = dict(common, start_gamma=[x[0].gammas[0] for x in rs],
+                       gammas_used=[{g: x[0].gammas.count(g) for g in sorted(set(x[0].gammas))} for x in rs],
+                       best_fixed_gamma=best["gamma"], best_fixed_speedup=best["speedup"],
+                       auto_over_best_fixed=med(per_cycle), auto_over_best_fixed_runs=per_cycle)
+            auto.append(rec)
+            print(f"  {mode} {kind:9s} budget={budget:<5d} gamma=auto (first gammas {rec['start_gamma']}): speedup "
+                  f"{rec['speedup']:.2f} = {rec['auto_over_best_fixed']:.3f} of the best fixed gamma ({best['gamma']})",
+                  flush=True)
+            continue
+        st = steps[mode]
+        td = st["t_draft"]["full" if kind == "full" else budget] / st["t_target"]
+        tv = st["t_verify"][gamma] / st["t_target"]
+        rnd = st["t_round"].get(f"{budget}/{gamma}")
+        rec = dict(common, gamma=gamma, rounds=r.rounds, t_draft_over_t_target=td, t_verify_over_t_target=tv,
+                   t_round_over_t_target=rnd / st["t_target"] if rnd else None,
+                   predicted_speedup=costmodel.speedup(common["acceptance"], gamma, td, tv),
+                   # a static batch runs until its slowest row is done: Omega is then what the batch
+                   # gained per round, max_new_tokens - 1 decode tokens per row over the rounds it took
+                   predicted_speedup_batch=(args.max_new_tokens - 1) / statistics.mean(x[0].rounds for x in rs)
+                   / (gamma * td + tv),
+                   # a whole round timed alone also counts the draft refresh and the glue
+                   predicted_speedup_from_round=(common["tokens_per_round"] * st["t_target"] / rnd) if rnd else None,
+                   max_seq_len=max_seq, kv_slots_read=read)
+        sd.append(rec)
+        print(f"  {mode} {kind:9s} budget={budget:<5d} gamma={gamma}: speedup {rec['speedup']:.2f} at median steps "
+              f"(runs {', '.join(f'{x:.2f}' for x in rec['speedup_runs'])}), {rec['speedup_wall']:.2f} by wall time; "
+              f"predicted {rec['predicted_speedup']:.2f} from step ratios ({rec['predicted_speedup_batch']:.2f} with the "
+              f"rounds the batch took), {rec['predicted_speedup_from_round'] or float('nan'):.2f} from a timed round; alpha {rec['acceptance']:.3f}, {rec['tokens_per_round']:.2f} tok/round, T_D/T_T {td:.3f}, "
+              f"T_V/T_T {tv:.3f}, rows equal to AR {rec['rows_equal']:.2f}", flush=True)
+    ar_rec = dict(batch_size=B, prefix=S, tokens_per_s=med(w for w, _ in ar_runs),
+                  tokens_per_s_median_step=med(m for _, m in ar_runs), tokens_per_s_runs=[w for w, _ in ar_runs],
+                  tokens_per_s_median_step_runs=[m for _, m in ar_runs], first_prefill_s=next(iter(prefill_s.values())),
+                  max_seq_len=max_seq, t_target_s={m: st["t_target"] for m, st in steps.items()}, gamma_auto=auto)
     step_rec = dict(batch_size=B, prefix=S, max_seq_len=max_seq, **{m: st for m, st in steps.items()})
     return ar_rec, sd, step_rec, samples
-
-
-def run_auto(args, model, draft_model, prompts, B, S, mode, kind, budget, max_seq, dtype, device, ar_around, fixed):
-    """What --gamma auto does (generate.choose_speculation): gamma from the cost model and the prior
-    acceptance at start, re-chosen every adapt_every rounds from the measured acceptance; the
-    candidates are the swept gammas, so it compiles nothing new. Compared with the best fixed gamma."""
-    planner, gamma, _, _ = costmodel.auto_plan(model.args, B, max_seq, dtype, device, "auto", budget or 256, (), S,
-                                               draft_model.args if draft_model is not None else None, kind == "full",
-                                               args.compile, args.gammas)
-    sa = G.SpecArgs(mode, gamma, kind, budget or 256, args.sinks, args.snapkv_window, args.snapkv_recent,
-                    refresh=mode == "self", gamma_max=max(args.gammas), adapt_every=args.adapt_every, planner=planner)
-    r = run_engine(model, prompts, args.max_new_tokens, max_seq, args.prefill_chunk, args.attn, sa,
-                   draft_model if mode == "draft" else None, args.repeats)
-    tps, ref = decode_tps(r), ar_around()
-    best = max(fixed, key=lambda x: x["speedup"])  # speedups: each against the AR runs next to it
-    rec = dict(batch_size=B, prefix=S, speculate=mode, draft_kv=kind, budget=budget or None, start_gamma=gamma,
-               gammas_used={g: r.gammas.count(g) for g in sorted(set(r.gammas))}, tokens_per_s=tps,
-               ar_tokens_per_s=ref, speedup=tps / ref, acceptance=r.acceptance, best_fixed_gamma=best["gamma"],
-               best_fixed_speedup=best["speedup"], auto_over_best_fixed=tps / ref / best["speedup"])
-    print(f"  {mode} {kind:9s} budget={budget:<5d} gamma=auto (start {gamma}, used {rec['gammas_used']}): "
-          f"{rec['tokens_per_s']:.2f} tok/s = {rec['auto_over_best_fixed']:.3f} of the best fixed gamma "
-          f"({best['gamma']})", flush=True)
-    return rec
 
 
 def planner_for(rec, hw, model, draft_model, itemsize, gammas=tuple(range(1, 9))):
@@ -564,7 +598,7 @@ def choices_vs_measured(sd, hw_fit, model, draft_model, itemsize):
         alpha = statistics.mean(r["acceptance"] for r in rs)
         p = planner_for(rs[0], hw_fit, model, draft_model, itemsize, tuple(sorted(r["gamma"] for r in rs)))
         g, pred = p.choose_gamma(alpha, budget or 0)
-        best = max(rs, key=lambda r: r["tokens_per_s"])
+        best = max(rs, key=lambda r: r["speedup"])
         out.append(dict(batch_size=B, prefix=S, speculate=mode, draft_kv=kind, budget=budget, acceptance=alpha,
                         model_gamma=g, model_speedup=pred, measured_best_gamma=best["gamma"],
                         measured_best_speedup=best["speedup"],
@@ -764,7 +798,8 @@ def main(argv=None):
     common.add_argument("--essays", default=os.path.join(ROOT, "..", "shared", "data", "PaulGrahamEssays.json"))
     common.add_argument("--json", default=None, help="output path (default: benchmarks/results/<mode>-<time>.json)")
     common.add_argument("--max_new_tokens", type=int, default=64, help="tokens per row (no EOS stop)")
-    common.add_argument("--repeats", type=int, default=1, help="timed generate() runs per configuration (median)")
+    common.add_argument("--repeats", type=int, default=1,
+                        help="timed generate() runs per configuration (median); sweep and gpu run them in cycles")
     common.add_argument("--prefill_chunk", type=int, default=512)
     common.add_argument("--sinks", type=int, default=16)
     common.add_argument("--snapkv_window", type=int, default=32)

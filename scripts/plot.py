@@ -3,7 +3,8 @@
 #   acceptance_vs_budget.png   acceptance per draft token against draft budget, StreamingLLM vs SnapKV
 #   predicted_vs_measured.png  speedup predicted from measured step ratios and acceptance against measured
 # Needs matplotlib (pip install matplotlib), which nothing else in the project uses.
-#   python scripts/plot.py benchmarks/results/sweep-<time>.json [--out benchmarks/plots] [--speculate self]
+#   python scripts/plot.py benchmarks/results/sweep-<time>.json [more sweep JSONs] [--out benchmarks/plots]
+# Several sweep JSONs (one per batch size and prefix, say) are plotted together, titled by the first.
 import argparse
 import glob
 import json
@@ -79,17 +80,22 @@ def acceptance_vs_budget(plt, data, records, out):
 
 def predicted_vs_measured(plt, data, records, out):
     fig, ax = plt.subplots(figsize=(5, 5))
-    x = [r["predicted_speedup"] for r in records]
     y = [r["speedup"] for r in records]
-    ax.scatter(x, y, s=12, label="from measured T_D/T_T, T_V/T_T")
+    xs = [[r["predicted_speedup"] for r in records]]
+    ax.scatter(xs[0], y, s=12, label="measured T_D/T_T, T_V/T_T; Omega from acceptance")
+    if all("predicted_speedup_batch" in r for r in records):  # the rounds a static batch took, slowest row included
+        xs.append([r["predicted_speedup_batch"] for r in records])
+        ax.scatter(xs[-1], y, s=12, marker="s", label="measured ratios; tokens per round of the batch")
     if all("model_speedup" in r for r in records):
-        ax.scatter([r["model_speedup"] for r in records], y, s=12, marker="x", label="cost model")
-    hi = max(x + y + [1.0]) * 1.05
+        xs.append([r["model_speedup"] for r in records])
+        ax.scatter(xs[-1], y, s=12, marker="x", label="cost model")
+    hi = max([v for x in xs for v in x] + y + [1.0]) * 1.05
     ax.plot([0, hi], [0, hi], color="grey", linewidth=0.8)
-    ax.set_xlabel("predicted speedup (MagicDec model, measured acceptance)")
+    ax.fill_between([0, hi], [0, hi * 0.8], [0, hi * 1.2], color="grey", alpha=0.12, label="within 20%")
+    ax.set_xlabel("predicted speedup (MagicDec model)")
     ax.set_ylabel("measured speedup")
     ax.set_title(title(data, "Speedup model against measurement"), fontsize=9)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     return save(fig, out, "predicted_vs_measured.png")
 
 
@@ -109,13 +115,13 @@ def save(fig, out, name):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Plots from a benchmark.py sweep or gpu JSON.")
-    p.add_argument("json", nargs="?", help="default: the newest benchmarks/results/sweep-*.json")
+    p.add_argument("json", nargs="*", help="default: the newest benchmarks/results/sweep-*.json")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "plots"))
     p.add_argument("--speculate", default="self", choices=["self", "draft"], help="which speculation mode to plot")
     args = p.parse_args(argv)
-    path = args.json or max(glob.glob(os.path.join(ROOT, "benchmarks", "results", "sweep-*.json")), key=os.path.getmtime,
-                            default=None)
-    if path is None:
+    paths = args.json or [max(glob.glob(os.path.join(ROOT, "benchmarks", "results", "sweep-*.json")), key=os.path.getmtime,
+                              default=None)]
+    if paths == [None]:
         sys.exit("error: no sweep JSON given and none under benchmarks/results/")
     try:
         import matplotlib
@@ -124,14 +130,17 @@ def main(argv=None):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with open(path) as f:
-        data = json.load(f)
+    datas = []
+    for path in paths:
+        with open(path) as f:
+            datas.append(json.load(f))
+    data = datas[0]
     os.makedirs(args.out, exist_ok=True)
     if "results" in data and "prompt_len" in data:
         return [acceptance_vs_budget(plt, data, acceptance_records(data), args.out)]
-    records = [r for r in sd_records(data) if r["speculate"] == args.speculate]
+    records = [r for d in datas for r in sd_records(d) if r["speculate"] == args.speculate]
     if not records:
-        sys.exit(f"error: {path} has no --speculate {args.speculate} results")
+        sys.exit(f"error: {', '.join(paths)} hold no --speculate {args.speculate} results")
     return [speedup_vs_batch(plt, data, records, args.out), acceptance_vs_budget(plt, data, records, args.out),
             predicted_vs_measured(plt, data, records, args.out)]
 

@@ -65,6 +65,20 @@ def test_gamma_choice_grows_with_acceptance():
     assert p.choose_gamma(0.95, 256)[0] > p.choose_gamma(0.5, 256)[0]
 
 
+def test_calibrated_ratios_come_from_the_timed_steps():
+    p = Planner(H100ISH, SMOLLM2, 8, 4165, 2)
+    before = p.ratios(4, 256)
+    p.calibrate(0.27, 0.27 * 1.4, 4, 0.09, 256)  # as on a CPU: a 5-token verify costs 1.4 target steps
+    assert p.ratios(4, 256) == pytest.approx((0.09 / 0.27, 1.4)) and p.ratios(4, 256) != pytest.approx(before)
+    assert p.ratios(2, 256)[1] == pytest.approx(1.2)  # the verify's extra cost is linear in the drafts
+    assert p.ratios(4, 1024)[0] > p.ratios(4, 256)[0]  # a bigger budget: the model scales the timed draft step
+    g, predicted = p.choose_gamma(0.88, 256)
+    assert g == max(range(1, 9), key=lambda g: speedup(0.88, g, *p.ratios(g, 256)))
+    assert predicted == pytest.approx(speedup(0.88, g, *p.ratios(g, 256)))
+    p.calibrate(0.27, 0.25, 4, 0.09, 256)  # a noisy verify timed faster than a step counts as one step
+    assert p.ratios(3, 256)[1] == 1.0
+
+
 def test_budget_choice_trades_acceptance_for_draft_cost():
     p = Planner(H100ISH, LLAMA8B, 64, 32768, 2)
     # equal acceptance: the cheapest budget wins; much better acceptance: a bigger budget is worth it
@@ -91,9 +105,13 @@ def tiny(seed, vocab):
 class CyclingPlanner:
     """Stands in for the cost model: a new gamma at every re-choice, the hardest case for the loop."""
     gammas = (1, 2, 3, 4, 5)
+    alpha = 0.9
 
     def __init__(self):
         self.calls = []
+
+    def calibrate(self, *measured):
+        self.measured = measured
 
     def choose_gamma(self, alpha, budget):
         self.calls.append(alpha)
@@ -111,6 +129,7 @@ def test_changing_gamma_mid_generation_keeps_greedy_tokens(kind):
     r = generate.generate(model, prompts, 40, {0}, Sampling(), 100, sa=sa)
     assert r.tokens == ar
     assert len(set(r.gammas)) == 5 and planner.calls and r.acceptance < 1.0
+    assert len(planner.measured) == 5 and planner.measured[2] == 2  # calibrated on a verify of the first gamma
 
 
 @pytest.fixture(scope="module")
