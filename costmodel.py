@@ -158,6 +158,16 @@ class Planner:
         best = max(self.gammas, key=lambda g: (round(speedup(alpha, g, *self.ratios(g, budget)), 12), -g))
         return best, speedup(alpha, best, *self.ratios(best, budget))
 
+    def choose_gamma_for_rows(self, rows, budget: int) -> int:
+        """rows: (acceptance, tokens still to make) of each unfinished row of a static batch, which
+        runs until its last row is done -> the gamma that finishes the batch soonest by the model
+        (ties go to the smaller gamma). One row: the gamma of choose_gamma. A row that accepts
+        little holds the batch back, and it gains less from a larger gamma than the others do."""
+        def finish(g):
+            td, tv = self.ratios(g, budget)
+            return max(left / omega(alpha, g) for alpha, left in rows) * (g * td + tv)
+        return min(self.gammas, key=lambda g: (round(finish(g), 12), g))
+
     def choose(self, acceptance: dict):
         """acceptance {budget: alpha} -> (budget, gamma, predicted speedup) maximising the speedup."""
         options = [(b, *self.choose_gamma(alpha, b)) for b, alpha in sorted(acceptance.items())]

@@ -32,7 +32,7 @@ class SpecArgs:
     snapkv_recent: int = 0  # recent positions the SnapKV draft keeps besides its picks (0: budget // 2)
     refresh: bool = True  # self-speculation: copy the target's verified K/V into the draft cache
     gamma_max: int = 0  # largest gamma any round may use: sizes the draft ring (0: gamma)
-    adapt_every: int = 0  # > 0: re-choose gamma every this many rounds from the measured acceptance
+    adapt_every: int = 0  # > 0: re-choose gamma every this many rounds from the measured acceptance of each row
     planner: object = None  # costmodel.Planner that re-chooses gamma (with adapt_every)
 
 
@@ -205,8 +205,8 @@ def generate(model: Transformer, prompts: list, max_new_tokens: int, eos_ids, s:
     n_gen = torch.ones(B, dtype=torch.long, device=device)
     done = torch.isin(first, eos) | (n_gen >= max_new_tokens)
     cols = torch.arange(width, device=device)
-    stats = torch.zeros(3, dtype=torch.long, device=device)  # accepted, evaluated, row-rounds
-    rounds, gammas, seen = 0, [], stats[:2].clone()
+    row_stats = torch.zeros(3, B, dtype=torch.long, device=device)  # per row: accepted, evaluated, rounds active
+    rounds, gammas = 0, []
     marks = []
     while not bool(done.all()):  # the one host sync per step/round
         marks.append(time.perf_counter())
@@ -219,7 +219,7 @@ def generate(model: Transformer, prompts: list, max_new_tokens: int, eos_ids, s:
                                                    gamma, s, sa.refresh and sa.mode == "self")
             active = (~done).long()
             n_acc = n_emit - 1
-            stats += (torch.stack([n_acc, torch.clamp(n_emit, max=gamma), torch.ones_like(n_acc)]) * active).sum(1)
+            row_stats += torch.stack([n_acc, torch.clamp(n_emit, max=gamma), torch.ones_like(n_acc)]) * active
             gammas.append(gamma)
         n_emit = torch.where(done, 0, n_emit)
         # a finished row writes past its own end, which the final truncation drops
@@ -231,10 +231,12 @@ def generate(model: Transformer, prompts: list, max_new_tokens: int, eos_ids, s:
         done = done | hit_eos | (n_gen >= max_new_tokens)
         rounds += 1
         if sa.adapt_every and rounds % sa.adapt_every == 0:  # one extra host sync every adapt_every rounds
-            acc, ev = (stats[:2] - seen).tolist()
-            seen = stats[:2].clone()
-            if ev:
-                gamma = sa.planner.choose_gamma(acc / ev, sa.draft_budget)[0]
+            # a static batch runs until its last row is done: the planner weighs each unfinished
+            # row's acceptance so far against the tokens it still has to make
+            acc, ev, left = torch.stack([row_stats[0], row_stats[1], torch.where(done, 0, max_new_tokens - n_gen)]).tolist()
+            rows = [(a / e, n) for a, e, n in zip(acc, ev, left) if e and n > 0]
+            if rows:
+                gamma = sa.planner.choose_gamma_for_rows(rows, sa.draft_budget)
     sync(device)
     t2 = time.perf_counter()
     round_s = [b - a for a, b in zip(marks, marks[1:] + [t2])]
@@ -244,7 +246,7 @@ def generate(model: Transformer, prompts: list, max_new_tokens: int, eos_ids, s:
         row = row[: min(n, max_new_tokens)]
         stop = next((i for i, t in enumerate(row) if t in eos_ids), None)
         rows.append(row if stop is None else row[: stop + 1])
-    acc, ev, rr = stats.tolist()
+    acc, ev, rr = row_stats.sum(1).tolist()
     return Result(rows, t1 - t0, t2 - t1, rounds, acc, ev, rr, gammas, round_s)
 
 

@@ -79,6 +79,20 @@ def test_calibrated_ratios_come_from_the_timed_steps():
     assert p.ratios(3, 256)[1] == 1.0
 
 
+def test_gamma_for_rows_finishes_the_batch_soonest():
+    p = Planner(H100ISH, LLAMA8B, 8, 16384, 2)
+    for alpha in (0.5, 0.8, 0.95):  # one row: the same choice as by speedup
+        assert p.choose_gamma_for_rows([(alpha, 100)], 256) == p.choose_gamma(alpha, 256)[0]
+    p.calibrate(0.27, 0.27 * 1.4, 4, 0.09, 256)  # CPU-like ratios: a larger gamma is dear
+    even = p.choose_gamma_for_rows([(0.9, 100)] * 8, 256)
+    uneven = p.choose_gamma_for_rows([(0.9, 100)] * 7 + [(0.55, 100)], 256)
+    assert uneven < even  # the slow row sets the batch's pace, and it gains little from long drafts
+    finish = lambda g: max(n / omega(a, g) for a, n in [(0.9, 100)] * 7 + [(0.55, 100)]) * (g * p.ratios(g, 256)[0] + p.ratios(g, 256)[1])  # noqa: E731
+    assert uneven == min(range(1, 9), key=finish)
+    # a slow row that is nearly done no longer decides
+    assert p.choose_gamma_for_rows([(0.9, 100)] * 7 + [(0.55, 3)], 256) == even
+
+
 def test_budget_choice_trades_acceptance_for_draft_cost():
     p = Planner(H100ISH, LLAMA8B, 64, 32768, 2)
     # equal acceptance: the cheapest budget wins; much better acceptance: a bigger budget is worth it
@@ -116,6 +130,10 @@ class CyclingPlanner:
     def choose_gamma(self, alpha, budget):
         self.calls.append(alpha)
         return self.gammas[len(self.calls) % len(self.gammas)], 1.0
+
+    def choose_gamma_for_rows(self, rows, budget):
+        assert all(0 <= alpha <= 1 and left > 0 for alpha, left in rows)
+        return self.choose_gamma(rows[0][0], budget)[0]
 
 
 @pytest.mark.parametrize("kind", ["streaming", "snapkv"])
