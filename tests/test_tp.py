@@ -109,6 +109,15 @@ def test_tiny_two_ranks_equal_one(tiny, tmp_path, mode):
     assert min(map(len, two["tokens"])) > 1
 
 
+def test_gamma_auto_two_ranks(tiny, tmp_path):
+    """--gamma auto times the steps on each rank; all ranks must take rank 0's timings, or they would
+    pick different gammas and their collectives would no longer match."""
+    target, _ = tiny
+    ar = run_one(tiny_argv(target), tmp_path)
+    two = run_tp(2, tiny_argv(target) + ["--speculate", "self", "--gamma", "auto", "--adapt_every", "2"], tmp_path)
+    assert two["tokens"] == ar["tokens"] and len(two["gamma_per_round"]) > 2
+
+
 def test_disagreeing_ranks_fail():
     """The agreement check itself: ranks that hold different tokens exit non-zero, rank 0 says why."""
     with socket.socket() as s:
