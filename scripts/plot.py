@@ -39,13 +39,15 @@ def acceptance_records(data):
 
 def speedup_vs_batch(plt, data, records, out):
     fig, ax = plt.subplots(figsize=(6, 4))
-    for S in sorted({r["prefix"] for r in records}):
+    lines = sorted({(r["prefix"], r.get("new_tokens")) for r in records}, key=lambda x: (x[0], x[1] or 0))
+    for S, n in lines:
         best = {}
         for r in records:
-            if r["prefix"] == S:
+            if (r["prefix"], r.get("new_tokens")) == (S, n):
                 best[r["batch_size"]] = max(best.get(r["batch_size"], 0.0), r["speedup"])
         batches = sorted(best)
-        ax.plot(batches, [best[b] for b in batches], marker="o", label=f"prefix {S}")
+        label = f"prefix {S}" + (f", {n} new tokens" if len({x[1] for x in lines}) > 1 else "")
+        ax.plot(batches, [best[b] for b in batches], marker="o", label=label)
     ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
     log2_ticks(ax, {r["batch_size"] for r in records})
     ax.set_xlabel("batch size")
@@ -83,8 +85,9 @@ def predicted_vs_measured(plt, data, records, out):
     y = [r["speedup"] for r in records]
     xs = [[r["predicted_speedup"] for r in records]]
     ax.scatter(xs[0], y, s=12, label="measured T_D/T_T, T_V/T_T; Omega from acceptance")
-    if all("predicted_speedup_batch" in r for r in records):  # the rounds a static batch took, slowest row included
-        xs.append([r["predicted_speedup_batch"] for r in records])
+    if all(r.get("new_tokens") and r.get("rounds") for r in records):  # the rounds the batch took, slowest row included
+        xs.append([(r["new_tokens"] - 1) / r["rounds"] / (r["gamma"] * r["t_draft_over_t_target"] + r["t_verify_over_t_target"])
+                   for r in records])
         ax.scatter(xs[-1], y, s=12, marker="s", label="measured ratios; tokens per round of the batch")
     if all("model_speedup" in r for r in records):
         xs.append([r["model_speedup"] for r in records])
@@ -138,7 +141,8 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     if "results" in data and "prompt_len" in data:
         return [acceptance_vs_budget(plt, data, acceptance_records(data), args.out)]
-    records = [r for d in datas for r in sd_records(d) if r["speculate"] == args.speculate]
+    records = [dict(r, new_tokens=d.get("settings", {}).get("max_new_tokens")) for d in datas for r in sd_records(d)
+               if r["speculate"] == args.speculate]
     if not records:
         sys.exit(f"error: {', '.join(paths)} hold no --speculate {args.speculate} results")
     return [speedup_vs_batch(plt, data, records, args.out), acceptance_vs_budget(plt, data, records, args.out),
