@@ -29,16 +29,24 @@ class Hardware:
     layer_overhead: float = 0.0  # seconds per layer per forward (kernel launches, Python dispatch)
 
 
-def median_time(fn, device, repeats):
-    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
-    fn()  # the first call pays allocation and kernel selection
+def median_time(fn, device, repeats=5, warmup=1, inner=1):
+    """Median seconds per call over `repeats` timings of `inner` back-to-back calls, after `warmup`
+    calls (the first pays allocation and kernel selection)."""
+    cuda = torch.device(device).type == "cuda"
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(repeats):
-        sync()
+        if cuda:
+            torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
+        for _ in range(inner):
+            if cuda:
+                torch.compiler.cudagraph_mark_step_begin()  # a previous replay's outputs are not read again
+            fn()
+        if cuda:
+            torch.cuda.synchronize(device)
+        times.append((time.perf_counter() - t0) / inner)
     return statistics.median(times)
 
 

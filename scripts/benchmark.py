@@ -90,24 +90,6 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def median_time(fn, device, warmup=2, repeats=5, inner=1):
-    """Median seconds per call over `repeats` timings of `inner` back-to-back calls."""
-    cuda = torch.device(device).type == "cuda"
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            if cuda:
-                torch.compiler.cudagraph_mark_step_begin()  # previous replay's outputs are not read again
-            fn()
-        sync(device)
-        times.append((time.perf_counter() - t0) / inner)
-    return statistics.median(times)
-
-
 class Essays:
     """Equal-length prompts from the essays, each row from its own stretch of text."""
 
@@ -379,7 +361,7 @@ def step_times(model, batch, slots, pos, gammas, budgets, dtype, device, draft_m
     times = [[] for _ in steps]
     for cycle in range(2 + repeats):  # two warm-up cycles
         for (_, _, fn), ts in zip(steps, times):
-            t = median_time(fn, device, warmup=0, repeats=1, inner=inner)
+            t = costmodel.median_time(fn, device, repeats=1, warmup=0, inner=inner)
             if cycle >= 2:
                 ts.append(t)
     out = dict(t_target=None, t_verify={}, t_draft={}, t_round={})
@@ -478,8 +460,10 @@ def sweep_group(args, model, draft_model, prompts, B, S, dtype, device, hw):
     max_seq = S + args.max_new_tokens + gmax + 1  # the same cache for AR and SD: same attention cost
     itemsize = dtype.itemsize
     read = kv_read_slots(args.attn, S + args.max_new_tokens // 2, max_seq)  # at the middle of the run
-    run = lambda sa=None, dm=None, warm=False: run_engine(model, prompts, args.max_new_tokens, max_seq,  # noqa: E731
-                                                           args.prefill_chunk, args.attn, sa, dm, warm=warm)
+
+    def run(sa=None, dm=None, warm=False):
+        return run_engine(model, prompts, args.max_new_tokens, max_seq, args.prefill_chunk, args.attn, sa, dm, warm=warm)
+
     modes = ["self"] + (["draft"] if draft_model is not None else [])
     configs = []  # (mode, draft kind, budget (0: full cache), gamma or "auto")
     for mode in modes:
@@ -683,8 +667,8 @@ def mode_gpu(args):
             cache = new_cache(model, B, S + 1, dtype, device, args.attn)  # valid length S + 1 = the whole cache
             cur = torch.ones(B, dtype=torch.long, device=device)
             at = torch.full((B,), S, dtype=torch.long, device=device)
-            t = median_time(lambda: G.decode_step(model, cache, cur, at, GREEDY), device, 3, args.step_repeats,
-                            1 if device.type == "cpu" else 20)
+            t = costmodel.median_time(lambda: G.decode_step(model, cache, cur, at, GREEDY), device, args.step_repeats,
+                                      warmup=3, inner=1 if device.type == "cpu" else 20)
             w, kv = costmodel.weight_bytes(model.args, dtype.itemsize), costmodel.kv_bytes(model.args, B, S + 1, dtype.itemsize)
             rec = dict(model=name, batch_size=B, context=S, step_s=t, weight_bytes=w, kv_bytes=kv,
                        bandwidth=(w + kv) / t, fraction_of_copy=(w + kv) / t / hw.bandwidth,
