@@ -6,8 +6,8 @@
 #   sweep  batch x prefix x draft budget x gamma: AR and speculative tokens/s, acceptance, tokens per
 #          round, and measured T_draft/T_target and T_verify/T_target next to the cost model's
 #   gpu    (CUDA) decode bandwidth against copy bandwidth, SD/AR at GPU sizes, 8B-shape step ratios
-#   peer   batch 1: transformers AR and assisted generation (prompt lookup, early exit, an assistant
-#          model) against this engine's AR and speculative decoding
+#   peer   transformers AR (batch 1 and 8) and assisted generation (batch 1: prompt lookup, early exit,
+#          an assistant model) against this engine's AR and speculative decoding
 # Decode is timed apart from prefill everywhere: the engine reports both; for transformers a stopping
 # criterion stamps the clock at each new token, so decode time runs from the first token to the last.
 import argparse
@@ -233,7 +233,14 @@ def load_hf(args, dtype, path=None, gguf=None):
     from transformers import LlamaForCausalLM
     path = path or args.checkpoint_path
     gguf = gguf if gguf is not None else args.hf_gguf
-    kw = dict(gguf_file=gguf) if gguf and os.path.exists(os.path.join(path, gguf)) else {}
+    kw = {}
+    if gguf and os.path.exists(os.path.join(path, gguf)):
+        kw = dict(gguf_file=gguf)
+        try:  # newer transformers keep GGUF weights packed and unpack them at every matmul: ask for the dense
+            from transformers import GgufConfig  # model this engine runs, so that both compute alike
+            kw["quantization_config"] = GgufConfig(gguf_file=os.path.join(path, gguf), dequantize=True)
+        except ImportError:
+            pass
     model = LlamaForCausalLM.from_pretrained(path, dtype=dtype, **kw)
     return model.to(args.device).eval().requires_grad_(False)
 
@@ -266,8 +273,11 @@ def hf_generate(hf, prompts, n_new, device, subtract=False, **kw):
 
     out, t0, total = call(n_new)
     (t_a, n_a), (t_b, n_b) = stamps[0], stamps[-1]
+    step_s = [b[0] - a[0] for a, b in zip(stamps, stamps[1:])]  # one per decode step or assisted round
     rec = dict(total_s=total, first_token_s=t_a - t0, decode_s=t_b - t_a,
                tokens_per_s=len(prompts) * (n_b - n_a) / max(t_b - t_a, 1e-9),
+               # as median_step_tps; only for AR, where every step does the same work
+               tokens_per_s_median_step=len(prompts) * (n_b - n_a) / max(len(step_s) * statistics.median(step_s or [0]), 1e-9),
                tokens=out[:, ids.shape[1]:].tolist())
     if subtract:
         one = call(1)[2]
@@ -705,6 +715,10 @@ def mode_gpu(args):
 # ---------------------------------------------------------------- peer
 
 def mode_peer(args):
+    """One process, one model: this engine against transformers generate() on the same weights, prompts
+    and greedy settings. AR at batch 1 and at --ar_batch_sizes; speculative decoding at batch 1, where
+    transformers' assisted generation runs (it takes one row). Every configuration runs --repeats
+    times and keeps its median run. Ratios are of decode tokens/s (prefill apart)."""
     apply_baseline(args)
     device, dtype = torch.device(args.device), dtype_of(args.dtype)
     raise_recompile_limit(256)
@@ -716,59 +730,73 @@ def mode_peer(args):
     hf_warmup(hf, device)
     results = []
     N = args.max_new_tokens
+
+    def hf_median(prompts, **kw):
+        runs = [hf_generate(hf, prompts, N, device, **kw) for _ in range(args.repeats)]
+        return sorted(runs, key=lambda r: r["decode_s"])[len(runs) // 2]
+
     for S in args.prefixes:
-        prompts = essays.prompts(1, S)  # transformers' assisted generation takes one row
         max_seq = S + N + max(args.gammas) + 1
+        for B in sorted({1, *args.ar_batch_sizes}):
+            prompts = essays.prompts(B, S)
 
-        def add(system, method, tps, tokens, ref, **extra):
-            results.append(dict(prefix=S, system=system, method=method, tokens_per_s=tps, **extra, **agreement(tokens, ref)))
-            print(f"S={S} {system:12s} {method:28s} {tps:8.2f} tok/s  {extra}", flush=True)
+            def add(system, method, tps, tokens, ref, **extra):
+                results.append(dict(prefix=S, batch_size=B, system=system, method=method, tokens_per_s=tps, **extra,
+                                    **agreement(tokens, ref)))
+                print(f"B={B} S={S} {system:12s} {method:28s} {tps:8.2f} tok/s  {extra}", flush=True)
 
-        with engine_steps(args.compile, device, args.attn), reuse_prefill():
-            ar = run_engine(model, prompts, N, max_seq, args.prefill_chunk, args.attn, repeats=args.repeats)
-            add("engine", "ar", decode_tps(ar), ar.tokens, ar.tokens)
-            for kind in [k for k in args.draft_kv if k != "full"]:
-                for budget in args.budgets:
-                    for gamma in args.gammas:
-                        sa = G.SpecArgs("self", gamma, kind, budget, args.sinks, args.snapkv_window, args.snapkv_recent)
-                        r = run_engine(model, prompts, N, max_seq, args.prefill_chunk, args.attn, sa, repeats=args.repeats)
-                        add("engine", f"self-spec {kind} b{budget} g{gamma}", decode_tps(r), r.tokens, ar.tokens,
-                            acceptance=r.acceptance, tokens_per_round=r.tokens_per_round)
-            for gamma in args.gammas if draft_model is not None else []:  # the counterpart of assistant_model
-                sa = G.SpecArgs("draft", gamma, "full", refresh=False)
-                r = run_engine(model, prompts, N, max_seq, args.prefill_chunk, args.attn, sa, draft_model, args.repeats)
-                add("engine", f"draft model g{gamma}", decode_tps(r), r.tokens, ar.tokens,
-                    acceptance=r.acceptance, tokens_per_round=r.tokens_per_round)
-        h = hf_generate(hf, prompts, N, device)
-        add("transformers", "ar", h["tokens_per_s"], h["tokens"], ar.tokens)
-        for gamma in args.gammas:
-            with assistant_tokens([hf], gamma):
-                r = hf_generate(hf, prompts, N, device, prompt_lookup_num_tokens=gamma)
-                add("transformers", f"prompt lookup g{gamma}", r["tokens_per_s"], r["tokens"], ar.tokens)
-                for layers in args.early_exit:
-                    r = hf_generate(hf, prompts, N, device, assistant_early_exit=layers)
-                    add("transformers", f"early exit L{layers} g{gamma}", r["tokens_per_s"], r["tokens"], ar.tokens)
-            if assistant is not None:
-                with assistant_tokens([hf, assistant], gamma):
-                    r = hf_generate(hf, prompts, N, device, assistant_model=assistant)
-                    add("transformers", f"assistant model g{gamma}", r["tokens_per_s"], r["tokens"], ar.tokens)
+            with engine_steps(args.compile, device, args.attn), reuse_prefill():
+                ar = run_engine(model, prompts, N, max_seq, args.prefill_chunk, args.attn, repeats=args.repeats)
+                add("engine", "ar", decode_tps(ar), ar.tokens, ar.tokens, tokens_per_s_median_step=median_step_tps(ar))
+                for kind in [k for k in args.draft_kv if k != "full"] if B == 1 else []:
+                    for budget in args.budgets:
+                        for gamma in args.gammas:
+                            sa = G.SpecArgs("self", gamma, kind, budget, args.sinks, args.snapkv_window, args.snapkv_recent)
+                            r = run_engine(model, prompts, N, max_seq, args.prefill_chunk, args.attn, sa, repeats=args.repeats)
+                            add("engine", f"self-spec {kind} b{budget} g{gamma}", decode_tps(r), r.tokens, ar.tokens,
+                                acceptance=r.acceptance, tokens_per_round=r.tokens_per_round)
+                for gamma in args.gammas if draft_model is not None and B == 1 else []:  # the counterpart of assistant_model
+                    sa = G.SpecArgs("draft", gamma, "full", refresh=False)
+                    r = run_engine(model, prompts, N, max_seq, args.prefill_chunk, args.attn, sa, draft_model, args.repeats)
+                    add("engine", f"draft model g{gamma}", decode_tps(r), r.tokens, ar.tokens,
+                        acceptance=r.acceptance, tokens_per_round=r.tokens_per_round)
+            h = hf_median(prompts)
+            add("transformers", "ar", h["tokens_per_s"], h["tokens"], ar.tokens,
+                tokens_per_s_median_step=h["tokens_per_s_median_step"])
+            for gamma in args.gammas if B == 1 else []:
+                with assistant_tokens([hf], gamma):
+                    r = hf_median(prompts, prompt_lookup_num_tokens=gamma)
+                    add("transformers", f"prompt lookup g{gamma}", r["tokens_per_s"], r["tokens"], ar.tokens)
+                    for layers in args.early_exit:
+                        r = hf_median(prompts, assistant_early_exit=layers)
+                        add("transformers", f"early exit L{layers} g{gamma}", r["tokens_per_s"], r["tokens"], ar.tokens)
+                if assistant is not None:
+                    with assistant_tokens([hf, assistant], gamma):
+                        r = hf_median(prompts, assistant_model=assistant)
+                        add("transformers", f"assistant model g{gamma}", r["tokens_per_s"], r["tokens"], ar.tokens)
     summary = []
     for S in args.prefixes:
-        rs = [r for r in results if r["prefix"] == S]
-        own_ar = {sys_: next(r["tokens_per_s"] for r in rs if r["system"] == sys_ and r["method"] == "ar")
-                  for sys_ in ("engine", "transformers")}
-        for r in rs:
-            r["speedup_over_own_ar"] = r["tokens_per_s"] / own_ar[r["system"]]
-            r["over_transformers_ar"] = r["tokens_per_s"] / own_ar["transformers"]
-        best = {sys_: max((r for r in rs if r["system"] == sys_ and r["method"] != "ar"), key=lambda r: r["tokens_per_s"],
-                          default=None) for sys_ in ("engine", "transformers")}
-        line = dict(prefix=S, engine_ar_over_transformers_ar=own_ar["engine"] / own_ar["transformers"])
-        if best["engine"] and best["transformers"]:
-            line.update(best_engine_spec=best["engine"]["method"], best_transformers_assisted=best["transformers"]["method"],
-                        best_engine_spec_over_best_transformers_assisted=(best["engine"]["tokens_per_s"]
-                                                                          / best["transformers"]["tokens_per_s"]))
-        summary.append(line)
-        print(line)
+        for B in sorted({1, *args.ar_batch_sizes}):
+            rs = [r for r in results if r["prefix"] == S and r["batch_size"] == B]
+            own_ar = {sys_: next(r for r in rs if r["system"] == sys_ and r["method"] == "ar")
+                      for sys_ in ("engine", "transformers")}
+            for r in rs:
+                r["speedup_over_own_ar"] = r["tokens_per_s"] / own_ar[r["system"]]["tokens_per_s"]
+                r["over_transformers_ar"] = r["tokens_per_s"] / own_ar["transformers"]["tokens_per_s"]
+            line = dict(prefix=S, batch_size=B,
+                        engine_ar_over_transformers_ar=own_ar["engine"]["tokens_per_s"] / own_ar["transformers"]["tokens_per_s"],
+                        engine_ar_over_transformers_ar_median_step=(own_ar["engine"]["tokens_per_s_median_step"]
+                                                                    / own_ar["transformers"]["tokens_per_s_median_step"]))
+            best = {sys_: max((r for r in rs if r["system"] == sys_ and r["method"] != "ar"),
+                              key=lambda r: r["tokens_per_s"], default=None) for sys_ in ("engine", "transformers")}
+            if best["engine"] and best["transformers"]:
+                line.update(best_engine_spec=best["engine"]["method"], best_transformers_assisted=best["transformers"]["method"],
+                            best_engine_spec_over_own_ar=best["engine"]["speedup_over_own_ar"],
+                            best_transformers_assisted_over_own_ar=best["transformers"]["speedup_over_own_ar"],
+                            best_engine_spec_over_best_transformers_assisted=(best["engine"]["tokens_per_s"]
+                                                                              / best["transformers"]["tokens_per_s"]))
+            summary.append(line)
+            print(line)
     write_json(args, dict(results=results, summary=summary))
 
 
@@ -843,8 +871,9 @@ def main(argv=None):
     g.add_argument("--smoke", action="store_true", help="allow a non-CUDA device (pass tiny cases)")
     g.set_defaults(func=mode_gpu, max_new_tokens=128)
 
-    q = sub.add_parser("peer", parents=[common, engine], help="batch 1: transformers AR/assisted vs engine AR/SD")
-    q.add_argument("--prefixes", type=ints, default=[512, 2048])
+    q = sub.add_parser("peer", parents=[common, engine], help="transformers AR/assisted vs engine AR/SD")
+    q.add_argument("--prefixes", type=ints, default=[512, 4096])
+    q.add_argument("--ar_batch_sizes", type=ints, default=[8], help="AR is also compared at these batch sizes")
     q.add_argument("--gammas", type=ints, default=[2, 4])
     q.add_argument("--budgets", type=ints, default=[128])
     q.add_argument("--draft_kv", type=strs, default=["streaming", "snapkv"])
