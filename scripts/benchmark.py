@@ -202,13 +202,28 @@ def median_step_tps(r):
     return (sum(map(len, r.tokens)) - len(r.tokens)) / sum(len(ts) * statistics.median(ts) for ts in by_gamma.values())
 
 
-def run_engine(model, prompts, n_new, max_seq_len, chunk, attn, sa=None, draft_model=None, repeats=1, warm=True):
-    """A short warm-up (compiles every shape the run uses), then the median of `repeats` runs."""
+def merge_results(parts):
+    """generate() Results of consecutive batches -> one Result: sums, and the lists concatenated."""
+    if len(parts) == 1:
+        return parts[0]
+    total = {f: sum(getattr(p, f) for p in parts) for f in ("prefill_s", "decode_s", "rounds", "accepted", "evaluated",
+                                                              "row_rounds")}
+    cat = {f: [x for p in parts for x in getattr(p, f) or []] or None for f in ("tokens", "gammas", "round_s")}
+    return G.Result(**total, **cat)
+
+
+def run_engine(model, prompts, n_new, max_seq_len, chunk, attn, sa=None, draft_model=None, repeats=1, warm=True,
+               batch=None):
+    """A short warm-up (compiles every shape the run uses), then the median of `repeats` runs. With
+    `batch` below the number of prompts, a run goes through them in consecutive batches of `batch`
+    rows, one generate() each, and returns their merged Result (rounds summed over the batches)."""
     kw = dict(attn=attn_kind(attn))
+    batch = batch or len(prompts)
     if warm:
         n_warm = 2 * ((max(sa.gamma, sa.gamma_max) + 1) if sa and sa.mode != "none" else 1) + 1
-        G.generate(model, prompts, min(n_new, n_warm), NO_EOS, GREEDY, max_seq_len, chunk, sa, draft_model, **kw)
-    runs = [G.generate(model, prompts, n_new, NO_EOS, GREEDY, max_seq_len, chunk, sa, draft_model, **kw)
+        G.generate(model, prompts[:batch], min(n_new, n_warm), NO_EOS, GREEDY, max_seq_len, chunk, sa, draft_model, **kw)
+    runs = [merge_results([G.generate(model, prompts[i:i + batch], n_new, NO_EOS, GREEDY, max_seq_len, chunk, sa,
+                                      draft_model, **kw) for i in range(0, len(prompts), batch)])
             for _ in range(repeats)]
     return sorted(runs, key=lambda r: r.decode_s)[len(runs) // 2]
 
@@ -471,8 +486,11 @@ def sweep_group(args, model, draft_model, prompts, B, S, dtype, device, hw):
     itemsize = dtype.itemsize
     read = kv_read_slots(args.attn, S + args.max_new_tokens // 2, max_seq)  # at the middle of the run
 
+    batches = len(prompts) // B  # a prompt pool larger than the batch runs as consecutive batches
+
     def run(sa=None, dm=None, warm=False):
-        return run_engine(model, prompts, args.max_new_tokens, max_seq, args.prefill_chunk, args.attn, sa, dm, warm=warm)
+        return run_engine(model, prompts, args.max_new_tokens, max_seq, args.prefill_chunk, args.attn, sa, dm, warm=warm,
+                          batch=B)
 
     modes = ["self"] + (["draft"] if draft_model is not None else [])
     configs = []  # (mode, draft kind, budget (0: full cache), gamma or "auto")
@@ -521,7 +539,7 @@ def sweep_group(args, model, draft_model, prompts, B, S, dtype, device, hw):
         mode, kind, budget, gamma = c
         rs = runs[c]
         r = rs[0][0]
-        common = dict(batch_size=B, prefix=S, speculate=mode, draft_kv=kind, budget=budget or None,
+        common = dict(batch_size=B, prefix=S, prompts=len(prompts), speculate=mode, draft_kv=kind, budget=budget or None,
                       tokens_per_s=med(x[1] for x in rs), tokens_per_s_median_step=med(x[2] for x in rs),
                       ar_tokens_per_s=med(x[3] for x in rs), ar_tokens_per_s_median_step=med(x[4] for x in rs),
                       speedup=med(x[2] / x[4] for x in rs), speedup_wall=med(x[1] / x[3] for x in rs),
@@ -549,7 +567,7 @@ def sweep_group(args, model, draft_model, prompts, B, S, dtype, device, hw):
                    predicted_speedup=costmodel.speedup(common["acceptance"], gamma, td, tv),
                    # a static batch runs until its slowest row is done: Omega is then what the batch
                    # gained per round, max_new_tokens - 1 decode tokens per row over the rounds it took
-                   predicted_speedup_batch=(args.max_new_tokens - 1) / statistics.mean(x[0].rounds for x in rs)
+                   predicted_speedup_batch=(args.max_new_tokens - 1) * batches / statistics.mean(x[0].rounds for x in rs)
                    / (gamma * td + tv),
                    # a whole round timed alone also counts the draft refresh and the glue
                    predicted_speedup_from_round=(common["tokens_per_round"] * st["t_target"] / rnd) if rnd else None,
@@ -560,7 +578,7 @@ def sweep_group(args, model, draft_model, prompts, B, S, dtype, device, hw):
               f"predicted {rec['predicted_speedup']:.2f} from step ratios ({rec['predicted_speedup_batch']:.2f} with the "
               f"rounds the batch took), {rec['predicted_speedup_from_round'] or float('nan'):.2f} from a timed round; alpha {rec['acceptance']:.3f}, {rec['tokens_per_round']:.2f} tok/round, T_D/T_T {td:.3f}, "
               f"T_V/T_T {tv:.3f}, rows equal to AR {rec['rows_equal']:.2f}", flush=True)
-    ar_rec = dict(batch_size=B, prefix=S, tokens_per_s=med(w for w, _ in ar_runs),
+    ar_rec = dict(batch_size=B, prefix=S, prompts=len(prompts), tokens_per_s=med(w for w, _ in ar_runs),
                   tokens_per_s_median_step=med(m for _, m in ar_runs), tokens_per_s_runs=[w for w, _ in ar_runs],
                   tokens_per_s_median_step_runs=[m for _, m in ar_runs], first_prefill_s=next(iter(prefill_s.values())),
                   max_seq_len=max_seq, t_target_s={m: st["t_target"] for m, st in steps.items()}, gamma_auto=auto)
@@ -610,6 +628,8 @@ def apply_baseline(args):
 
 
 def mode_sweep(args):
+    if args.prompt_pool and any(args.prompt_pool % B for B in args.batch_sizes):
+        sys.exit(f"error: --prompt_pool {args.prompt_pool} is not a multiple of every batch size {args.batch_sizes}")
     apply_baseline(args)
     device, dtype = torch.device(args.device), dtype_of(args.dtype)
     raise_recompile_limit(256)
@@ -622,7 +642,8 @@ def mode_sweep(args):
     with engine_steps(args.compile, device, args.attn):
         for B in args.batch_sizes:
             for S in args.prefixes:
-                a, s, st, sm = sweep_group(args, model, draft_model, essays.prompts(B, S), B, S, dtype, device, hw)
+                prompts = essays.prompts(max(B, args.prompt_pool), S)
+                a, s, st, sm = sweep_group(args, model, draft_model, prompts, B, S, dtype, device, hw)
                 ar.append(a)
                 sd += s
                 steps.append(st)
@@ -754,7 +775,8 @@ def mode_peer(args):
                             sa = G.SpecArgs("self", gamma, kind, budget, args.sinks, args.snapkv_window, args.snapkv_recent)
                             r = run_engine(model, prompts, N, max_seq, args.prefill_chunk, args.attn, sa, repeats=args.repeats)
                             add("engine", f"self-spec {kind} b{budget} g{gamma}", decode_tps(r), r.tokens, ar.tokens,
-                                acceptance=r.acceptance, tokens_per_round=r.tokens_per_round)
+                                tokens_per_s_median_step=median_step_tps(r), acceptance=r.acceptance,
+                                tokens_per_round=r.tokens_per_round)
                 for gamma in args.gammas if draft_model is not None and B == 1 else []:  # the counterpart of assistant_model
                     sa = G.SpecArgs("draft", gamma, "full", refresh=False)
                     r = run_engine(model, prompts, N, max_seq, args.prefill_chunk, args.attn, sa, draft_model, args.repeats)
@@ -845,6 +867,9 @@ def main(argv=None):
     s.add_argument("--gammas", type=ints, default=[1, 2, 3, 4])
     s.add_argument("--draft_kv", type=strs, default=["streaming", "snapkv"], help="streaming,snapkv[,full for a draft model]")
     s.add_argument("--draft_checkpoint_path", default=None, help="also sweep a standalone draft model")
+    s.add_argument("--prompt_pool", type=int, default=0,
+                   help="run every batch size over the same P prompts (P a multiple of each batch size), in P / "
+                        "batch consecutive batches, so that acceptance is alike across batch sizes (0: one batch)")
     s.add_argument("--step_repeats", type=int, default=5)
     s.add_argument("--no_round_timing", action="store_true", help="skip timing whole speculation rounds")
     s.add_argument("--adapt_every", type=int, default=8, help="also run --gamma auto, re-choosing every N rounds (0: skip)")

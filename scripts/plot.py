@@ -37,17 +37,27 @@ def acceptance_records(data):
             if r["refresh"] and r["snapkv_recent"] in (None, r["budget"] // 2)]
 
 
+def prompt_sets(r, pools):
+    """The lines a record belongs to: rows as many as its batch (None), and the prompt pool it ran
+    through in several batches, or equals as one batch."""
+    n = r.get("prompts", r["batch_size"])
+    return ([None] if n == r["batch_size"] else []) + [p for p in pools if p == n]
+
+
 def speedup_vs_batch(plt, data, records, out):
     fig, ax = plt.subplots(figsize=(6, 4))
-    lines = sorted({(r["prefix"], r.get("new_tokens")) for r in records}, key=lambda x: (x[0], x[1] or 0))
-    for S, n in lines:
+    pools = {r["prompts"] for r in records if r.get("prompts", r["batch_size"]) > r["batch_size"]}
+    lines = sorted({(r["prefix"], r.get("new_tokens"), p) for r in records for p in prompt_sets(r, pools)},
+                   key=lambda x: (x[0], x[1] or 0, x[2] or 0))
+    for S, n, pool in lines:
         best = {}
         for r in records:
-            if (r["prefix"], r.get("new_tokens")) == (S, n):
+            if (r["prefix"], r.get("new_tokens")) == (S, n) and pool in prompt_sets(r, pools):
                 best[r["batch_size"]] = max(best.get(r["batch_size"], 0.0), r["speedup"])
         batches = sorted(best)
-        label = f"prefix {S}" + (f", {n} new tokens" if len({x[1] for x in lines}) > 1 else "")
-        ax.plot(batches, [best[b] for b in batches], marker="o", label=label)
+        label = (f"prefix {S}" + (f", {n} new tokens" if len({x[1] for x in lines}) > 1 else "")
+                 + (f", the same {pool} prompts at every batch size" if pool else ""))
+        ax.plot(batches, [best[b] for b in batches], marker="o", linestyle="--" if pool else "-", label=label)
     ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
     log2_ticks(ax, {r["batch_size"] for r in records})
     ax.set_xlabel("batch size")
@@ -86,8 +96,9 @@ def predicted_vs_measured(plt, data, records, out):
     xs = [[r["predicted_speedup"] for r in records]]
     ax.scatter(xs[0], y, s=12, label="measured T_D/T_T, T_V/T_T; Omega from acceptance")
     if all(r.get("new_tokens") and r.get("rounds") for r in records):  # the rounds the batch took, slowest row included
-        xs.append([(r["new_tokens"] - 1) / r["rounds"] / (r["gamma"] * r["t_draft_over_t_target"] + r["t_verify_over_t_target"])
-                   for r in records])
+        # rounds are summed over the batches a prompt pool runs in
+        xs.append([(r["new_tokens"] - 1) * r.get("prompts", r["batch_size"]) / r["batch_size"] / r["rounds"]
+                   / (r["gamma"] * r["t_draft_over_t_target"] + r["t_verify_over_t_target"]) for r in records])
         ax.scatter(xs[-1], y, s=12, marker="s", label="measured ratios; tokens per round of the batch")
     if all("model_speedup" in r for r in records):
         xs.append([r["model_speedup"] for r in records])
