@@ -85,6 +85,25 @@ def write_json(args, results):
     print(f"wrote {path}")
 
 
+def cpu_counters():
+    """(steal, total) CPU time from /proc/stat, or None off Linux. Steal is time the hypervisor gave
+    this machine's virtual CPUs to others: the cause of the large speed swings on shared VMs."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    return v[7], sum(v)
+
+
+def cpu_stolen_since(start):
+    """Fraction of CPU time stolen since cpu_counters() returned `start`."""
+    end = cpu_counters()
+    if start is None or end is None or end[1] == start[1]:
+        return None
+    return (end[0] - start[0]) / (end[1] - start[1])
+
+
 def sync(device):
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
@@ -489,8 +508,11 @@ def sweep_group(args, model, draft_model, prompts, B, S, dtype, device, hw):
     batches = len(prompts) // B  # a prompt pool larger than the batch runs as consecutive batches
 
     def run(sa=None, dm=None, warm=False):
-        return run_engine(model, prompts, args.max_new_tokens, max_seq, args.prefill_chunk, args.attn, sa, dm, warm=warm,
-                          batch=B)
+        start = cpu_counters()
+        r = run_engine(model, prompts, args.max_new_tokens, max_seq, args.prefill_chunk, args.attn, sa, dm, warm=warm,
+                       batch=B)
+        r.cpu_stolen = cpu_stolen_since(start)
+        return r
 
     modes = ["self"] + (["draft"] if draft_model is not None else [])
     configs = []  # (mode, draft kind, budget (0: full cache), gamma or "auto")
@@ -500,7 +522,7 @@ def sweep_group(args, model, draft_model, prompts, B, S, dtype, device, hw):
                 configs += [(mode, kind, budget, g) for g in args.gammas] + ([(mode, kind, budget, "auto")] if args.adapt_every else [])
     with reuse_prefill() as prefill_s:
         ar = run(warm=True)
-        ar_runs = [(decode_tps(ar), median_step_tps(ar))]
+        ar_runs, ar_stolen = [(decode_tps(ar), median_step_tps(ar))], [ar.cpu_stolen]
         print(f"AR B={B} S={S}: {ar_runs[0][0]:.2f} tok/s, {ar_runs[0][1]:.2f} at the median step", flush=True)
         steps, samples = {}, []
         for mode in modes:
@@ -527,11 +549,13 @@ def sweep_group(args, model, draft_model, prompts, B, S, dtype, device, hw):
                 if args.interleave:
                     a = run()
                     ar_runs.append((decode_tps(a), median_step_tps(a)))
+                    ar_stolen.append(a.cpu_stolen)
                 ref = [(x + y) / 2 for x, y in zip(*ar_runs[-2:])] if args.interleave else ar_runs[0]
                 runs[c].append((r, decode_tps(r), median_step_tps(r), *ref))
                 print(f"  cycle {cycle} {mode} {kind} budget={budget} gamma={gamma}"
                       f"{f' (used {sorted(set(r.gammas))})' if gamma == 'auto' else ''}: {runs[c][-1][2]:.2f} tok/s at the "
-                      f"median step, speedup {runs[c][-1][2] / ref[1]:.2f} ({runs[c][-1][1] / ref[0]:.2f} by wall time)",
+                      f"median step, speedup {runs[c][-1][2] / ref[1]:.2f} ({runs[c][-1][1] / ref[0]:.2f} by wall time); "
+                      f"CPU stolen {r.cpu_stolen or 0:.0%}",
                       flush=True)
     med = statistics.median
     sd, auto = [], []
@@ -543,20 +567,29 @@ def sweep_group(args, model, draft_model, prompts, B, S, dtype, device, hw):
                       tokens_per_s=med(x[1] for x in rs), tokens_per_s_median_step=med(x[2] for x in rs),
                       ar_tokens_per_s=med(x[3] for x in rs), ar_tokens_per_s_median_step=med(x[4] for x in rs),
                       speedup=med(x[2] / x[4] for x in rs), speedup_wall=med(x[1] / x[3] for x in rs),
-                      speedup_runs=[x[2] / x[4] for x in rs], acceptance=statistics.mean(x[0].acceptance for x in rs),
+                      speedup_runs=[x[2] / x[4] for x in rs], cpu_stolen_runs=[x[0].cpu_stolen for x in rs], acceptance=statistics.mean(x[0].acceptance for x in rs),
                       tokens_per_round=statistics.mean(x[0].tokens_per_round for x in rs), **agreement(r.tokens, ar.tokens))
         if gamma == "auto":
             fixed = [x for x in sd if x["speculate"] == mode and x["draft_kv"] == kind and x["budget"] == (budget or None)]
             best = max(fixed, key=lambda x: x["speedup"])
             per_cycle = [x[2] / x[4] / s for x, s in zip(rs, best["speedup_runs"])]  # against the best, cycle by cycle
+            # The choice itself, free of timing noise: each run's rounds weighed by the timed step
+            # costs, as predicted_speedup_batch weighs a fixed gamma's rounds
+            st = steps[mode]
+            cost = {g: (g * st["t_draft"]["full" if kind == "full" else budget] + st["t_verify"][g]) / st["t_target"]
+                    for g in args.gammas}
+            by_rounds = [(args.max_new_tokens - 1) * batches / sum(cost[g] for g in x[0].gammas) for x in rs]
+            best_by_rounds = max(x["predicted_speedup_batch"] for x in fixed)
             rec = dict(common, start_gamma=[x[0].gammas[0] for x in rs],
                        gammas_used=[{g: x[0].gammas.count(g) for g in sorted(set(x[0].gammas))} for x in rs],
                        best_fixed_gamma=best["gamma"], best_fixed_speedup=best["speedup"],
-                       auto_over_best_fixed=med(per_cycle), auto_over_best_fixed_runs=per_cycle)
+                       auto_over_best_fixed=med(per_cycle), auto_over_best_fixed_runs=per_cycle,
+                       predicted_speedup_batch=med(by_rounds),
+                       auto_over_best_fixed_by_rounds=med(by_rounds) / best_by_rounds)
             auto.append(rec)
             print(f"  {mode} {kind:9s} budget={budget:<5d} gamma=auto (first gammas {rec['start_gamma']}): speedup "
-                  f"{rec['speedup']:.2f} = {rec['auto_over_best_fixed']:.3f} of the best fixed gamma ({best['gamma']})",
-                  flush=True)
+                  f"{rec['speedup']:.2f} = {rec['auto_over_best_fixed']:.3f} of the best fixed gamma ({best['gamma']}); "
+                  f"{rec['auto_over_best_fixed_by_rounds']:.3f} of the best by rounds weighed with the step times", flush=True)
             continue
         st = steps[mode]
         td = st["t_draft"]["full" if kind == "full" else budget] / st["t_target"]
@@ -580,7 +613,7 @@ def sweep_group(args, model, draft_model, prompts, B, S, dtype, device, hw):
               f"T_V/T_T {tv:.3f}, rows equal to AR {rec['rows_equal']:.2f}", flush=True)
     ar_rec = dict(batch_size=B, prefix=S, prompts=len(prompts), tokens_per_s=med(w for w, _ in ar_runs),
                   tokens_per_s_median_step=med(m for _, m in ar_runs), tokens_per_s_runs=[w for w, _ in ar_runs],
-                  tokens_per_s_median_step_runs=[m for _, m in ar_runs], first_prefill_s=next(iter(prefill_s.values())),
+                  tokens_per_s_median_step_runs=[m for _, m in ar_runs], cpu_stolen_runs=ar_stolen, first_prefill_s=next(iter(prefill_s.values())),
                   max_seq_len=max_seq, t_target_s={m: st["t_target"] for m, st in steps.items()}, gamma_auto=auto)
     step_rec = dict(batch_size=B, prefix=S, max_seq_len=max_seq, **{m: st for m, st in steps.items()})
     return ar_rec, sd, step_rec, samples
@@ -738,8 +771,9 @@ def mode_gpu(args):
 def mode_peer(args):
     """One process, one model: this engine against transformers generate() on the same weights, prompts
     and greedy settings. AR at batch 1 and at --ar_batch_sizes; speculative decoding at batch 1, where
-    transformers' assisted generation runs (it takes one row). Every configuration runs --repeats
-    times and keeps its median run. Ratios are of decode tokens/s (prefill apart)."""
+    transformers' assisted generation runs (it takes one row). Ratios are of decode tokens/s (prefill
+    apart). The machine's speed drifts, so every configuration runs once per cycle, --repeats cycles,
+    and each ratio is the median over cycles of the ratio within a cycle."""
     apply_baseline(args)
     device, dtype = torch.device(args.device), dtype_of(args.dtype)
     raise_recompile_limit(256)
@@ -749,76 +783,78 @@ def mode_peer(args):
     assistant = load_hf(args, dtype, args.hf_assistant, args.hf_assistant_gguf) if args.hf_assistant else None
     draft_model = load_model(args.draft_checkpoint_path, device, dtype) if args.draft_checkpoint_path else None
     hf_warmup(hf, device)
-    results = []
-    N = args.max_new_tokens
-
-    def hf_median(prompts, **kw):
-        runs = [hf_generate(hf, prompts, N, device, **kw) for _ in range(args.repeats)]
-        return sorted(runs, key=lambda r: r["decode_s"])[len(runs) // 2]
-
+    N, med = args.max_new_tokens, statistics.median
+    results, summary = [], []
     for S in args.prefixes:
         max_seq = S + N + max(args.gammas) + 1
         for B in sorted({1, *args.ar_batch_sizes}):
             prompts = essays.prompts(B, S)
-
-            def add(system, method, tps, tokens, ref, **extra):
-                results.append(dict(prefix=S, batch_size=B, system=system, method=method, tokens_per_s=tps, **extra,
-                                    **agreement(tokens, ref)))
-                print(f"B={B} S={S} {system:12s} {method:28s} {tps:8.2f} tok/s  {extra}", flush=True)
-
-            with engine_steps(args.compile, device, args.attn), reuse_prefill():
-                ar = run_engine(model, prompts, N, max_seq, args.prefill_chunk, args.attn, repeats=args.repeats)
-                add("engine", "ar", decode_tps(ar), ar.tokens, ar.tokens, tokens_per_s_median_step=median_step_tps(ar))
-                for kind in [k for k in args.draft_kv if k != "full"] if B == 1 else []:
-                    for budget in args.budgets:
-                        for gamma in args.gammas:
-                            sa = G.SpecArgs("self", gamma, kind, budget, args.sinks, args.snapkv_window, args.snapkv_recent)
-                            r = run_engine(model, prompts, N, max_seq, args.prefill_chunk, args.attn, sa, repeats=args.repeats)
-                            add("engine", f"self-spec {kind} b{budget} g{gamma}", decode_tps(r), r.tokens, ar.tokens,
-                                tokens_per_s_median_step=median_step_tps(r), acceptance=r.acceptance,
-                                tokens_per_round=r.tokens_per_round)
-                for gamma in args.gammas if draft_model is not None and B == 1 else []:  # the counterpart of assistant_model
-                    sa = G.SpecArgs("draft", gamma, "full", refresh=False)
-                    r = run_engine(model, prompts, N, max_seq, args.prefill_chunk, args.attn, sa, draft_model, args.repeats)
-                    add("engine", f"draft model g{gamma}", decode_tps(r), r.tokens, ar.tokens,
-                        acceptance=r.acceptance, tokens_per_round=r.tokens_per_round)
-            h = hf_median(prompts)
-            add("transformers", "ar", h["tokens_per_s"], h["tokens"], ar.tokens,
-                tokens_per_s_median_step=h["tokens_per_s_median_step"])
-            for gamma in args.gammas if B == 1 else []:
-                with assistant_tokens([hf], gamma):
-                    r = hf_median(prompts, prompt_lookup_num_tokens=gamma)
-                    add("transformers", f"prompt lookup g{gamma}", r["tokens_per_s"], r["tokens"], ar.tokens)
-                    for layers in args.early_exit:
-                        r = hf_median(prompts, assistant_early_exit=layers)
-                        add("transformers", f"early exit L{layers} g{gamma}", r["tokens_per_s"], r["tokens"], ar.tokens)
+            spec_too = B == 1
+            # (method, SpecArgs, draft model) for the engine; (method, generate() kwargs, models whose
+            # drafts are fixed at gamma, gamma) for transformers
+            engine = [("ar", None, None)]
+            hf_cfg = [("ar", {}, [], 0)]
+            for gamma in args.gammas if spec_too else []:
+                engine += [(f"self-spec {kind} b{budget} g{gamma}",
+                            G.SpecArgs("self", gamma, kind, budget, args.sinks, args.snapkv_window, args.snapkv_recent), None)
+                           for kind in args.draft_kv if kind != "full" for budget in args.budgets]
+                if draft_model is not None:  # the counterpart of assistant_model
+                    engine.append((f"draft model g{gamma}", G.SpecArgs("draft", gamma, "full", refresh=False), draft_model))
+                hf_cfg.append((f"prompt lookup g{gamma}", dict(prompt_lookup_num_tokens=gamma), [hf], gamma))
+                hf_cfg += [(f"early exit L{n} g{gamma}", dict(assistant_early_exit=n), [hf], gamma) for n in args.early_exit]
                 if assistant is not None:
-                    with assistant_tokens([hf, assistant], gamma):
-                        r = hf_median(prompts, assistant_model=assistant)
-                        add("transformers", f"assistant model g{gamma}", r["tokens_per_s"], r["tokens"], ar.tokens)
-    summary = []
-    for S in args.prefixes:
-        for B in sorted({1, *args.ar_batch_sizes}):
-            rs = [r for r in results if r["prefix"] == S and r["batch_size"] == B]
-            own_ar = {sys_: next(r for r in rs if r["system"] == sys_ and r["method"] == "ar")
-                      for sys_ in ("engine", "transformers")}
-            for r in rs:
-                r["speedup_over_own_ar"] = r["tokens_per_s"] / own_ar[r["system"]]["tokens_per_s"]
-                r["over_transformers_ar"] = r["tokens_per_s"] / own_ar["transformers"]["tokens_per_s"]
-            line = dict(prefix=S, batch_size=B,
-                        engine_ar_over_transformers_ar=own_ar["engine"]["tokens_per_s"] / own_ar["transformers"]["tokens_per_s"],
-                        engine_ar_over_transformers_ar_median_step=(own_ar["engine"]["tokens_per_s_median_step"]
-                                                                    / own_ar["transformers"]["tokens_per_s_median_step"]))
-            best = {sys_: max((r for r in rs if r["system"] == sys_ and r["method"] != "ar"),
+                    hf_cfg.append((f"assistant model g{gamma}", dict(assistant_model=assistant), [hf, assistant], gamma))
+            runs = {("engine", m): [] for m, _, _ in engine} | {("transformers", m): [] for m, _, _, _ in hf_cfg}
+            with engine_steps(args.compile, device, args.attn), reuse_prefill():
+                for cycle in range(args.repeats):
+                    for method, sa, dm in engine:
+                        start = cpu_counters()
+                        r = run_engine(model, prompts, N, max_seq, args.prefill_chunk, args.attn, sa, dm, warm=cycle == 0)
+                        runs["engine", method].append(dict(
+                            tokens_per_s=decode_tps(r), tokens_per_s_median_step=median_step_tps(r), tokens=r.tokens,
+                            cpu_stolen=cpu_stolen_since(start),
+                            **(dict(acceptance=r.acceptance, tokens_per_round=r.tokens_per_round) if sa else {})))
+                    for method, kw, fixed, gamma in hf_cfg:
+                        start = cpu_counters()
+                        with assistant_tokens(fixed, gamma) if fixed else contextlib.nullcontext():
+                            h = hf_generate(hf, prompts, N, device, **kw)
+                        runs["transformers", method].append(dict(h, cpu_stolen=cpu_stolen_since(start)))
+                    print(f"B={B} S={S} cycle {cycle}: " + ", ".join(f"{sys_} {m} {rs[-1]['tokens_per_s']:.1f}"
+                                                                    for (sys_, m), rs in runs.items()), flush=True)
+            ref = runs["engine", "ar"][0]["tokens"]
+            hf_ar = runs["transformers", "ar"]
+            block = []
+            for (system, method), rs in runs.items():
+                own_ar = runs[system, "ar"]
+                rec = dict(prefix=S, batch_size=B, system=system, method=method,
+                           tokens_per_s=med(x["tokens_per_s"] for x in rs), tokens_per_s_runs=[x["tokens_per_s"] for x in rs],
+                           speedup_over_own_ar=med(x["tokens_per_s"] / a["tokens_per_s"] for x, a in zip(rs, own_ar)),
+                           over_transformers_ar=med(x["tokens_per_s"] / h["tokens_per_s"] for x, h in zip(rs, hf_ar)),
+                           cpu_stolen_runs=[x["cpu_stolen"] for x in rs], **agreement(rs[0]["tokens"], ref))
+                if method == "ar":  # every AR step does the same work: the median step is the run's own speed
+                    rec.update(tokens_per_s_median_step=med(x["tokens_per_s_median_step"] for x in rs),
+                               over_transformers_ar_median_step=med(x["tokens_per_s_median_step"] / h["tokens_per_s_median_step"]
+                                                                    for x, h in zip(rs, hf_ar)))
+                if "acceptance" in rs[0]:
+                    rec.update(acceptance=statistics.mean(x["acceptance"] for x in rs),
+                               tokens_per_round=statistics.mean(x["tokens_per_round"] for x in rs))
+                block.append(rec)
+                print(f"B={B} S={S} {system:12s} {method:28s} {rec['tokens_per_s']:8.2f} tok/s, "
+                      f"{rec['speedup_over_own_ar']:.2f}x its own AR, {rec['over_transformers_ar']:.2f}x transformers AR", flush=True)
+            results += block
+            line = dict(prefix=S, batch_size=B, engine_ar_over_transformers_ar=block[0]["over_transformers_ar"],
+                        engine_ar_over_transformers_ar_median_step=block[0]["over_transformers_ar_median_step"])
+            best = {sys_: max((r for r in block if r["system"] == sys_ and r["method"] != "ar"),
                               key=lambda r: r["tokens_per_s"], default=None) for sys_ in ("engine", "transformers")}
             if best["engine"] and best["transformers"]:
+                e, t = runs["engine", best["engine"]["method"]], runs["transformers", best["transformers"]["method"]]
                 line.update(best_engine_spec=best["engine"]["method"], best_transformers_assisted=best["transformers"]["method"],
                             best_engine_spec_over_own_ar=best["engine"]["speedup_over_own_ar"],
                             best_transformers_assisted_over_own_ar=best["transformers"]["speedup_over_own_ar"],
-                            best_engine_spec_over_best_transformers_assisted=(best["engine"]["tokens_per_s"]
-                                                                              / best["transformers"]["tokens_per_s"]))
+                            best_engine_spec_over_best_transformers_assisted=med(
+                                x["tokens_per_s"] / y["tokens_per_s"] for x, y in zip(e, t)))
             summary.append(line)
-            print(line)
+            print(line, flush=True)
     write_json(args, dict(results=results, summary=summary))
 
 
