@@ -46,17 +46,21 @@ def prompt_sets(r, pools):
 
 def speedup_vs_batch(plt, data, records, out):
     fig, ax = plt.subplots(figsize=(6, 4))
-    pools = {r["prompts"] for r in records if r.get("prompts", r["batch_size"]) > r["batch_size"]}
-    lines = sorted({(r["prefix"], r.get("new_tokens"), p) for r in records for p in prompt_sets(r, pools)},
+    pools = {}  # (prefix, new tokens) -> the prompt pools some batch size of it ran through in several batches
+    for r in records:
+        if r.get("prompts", r["batch_size"]) > r["batch_size"]:
+            pools.setdefault((r["prefix"], r.get("new_tokens")), set()).add(r["prompts"])
+    lines = sorted({(r["prefix"], r.get("new_tokens"), p) for r in records
+                    for p in prompt_sets(r, pools.get((r["prefix"], r.get("new_tokens")), ()))},
                    key=lambda x: (x[0], x[1] or 0, x[2] or 0))
     for S, n, pool in lines:
         best = {}
         for r in records:
-            if (r["prefix"], r.get("new_tokens")) == (S, n) and pool in prompt_sets(r, pools):
+            if (r["prefix"], r.get("new_tokens")) == (S, n) and pool in prompt_sets(r, pools.get((S, n), ())):
                 best[r["batch_size"]] = max(best.get(r["batch_size"], 0.0), r["speedup"])
         batches = sorted(best)
         label = (f"prefix {S}" + (f", {n} new tokens" if len({x[1] for x in lines}) > 1 else "")
-                 + (f", the same {pool} prompts at every batch size" if pool else ""))
+                 + (f", the same {pool} prompts" if pool else ""))
         ax.plot(batches, [best[b] for b in batches], marker="o", linestyle="--" if pool else "-", label=label)
     ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
     log2_ticks(ax, {r["batch_size"] for r in records})
