@@ -492,6 +492,11 @@ def mode_ar(args):
 
 # ---------------------------------------------------------------- sweep
 
+def round_cost(st, kind, budget, gamma):
+    """One speculation round in target steps, gamma T_D/T_T + T_V/T_T, from step_times' output."""
+    return (gamma * st["t_draft"]["full" if kind == "full" else budget] + st["t_verify"][gamma]) / st["t_target"]
+
+
 def sweep_group(args, model, draft_model, prompts, B, S, dtype, device, hw):
     """AR and every speculative configuration at one batch size and prefix length (prefill reused).
 
@@ -567,7 +572,8 @@ def sweep_group(args, model, draft_model, prompts, B, S, dtype, device, hw):
                       tokens_per_s=med(x[1] for x in rs), tokens_per_s_median_step=med(x[2] for x in rs),
                       ar_tokens_per_s=med(x[3] for x in rs), ar_tokens_per_s_median_step=med(x[4] for x in rs),
                       speedup=med(x[2] / x[4] for x in rs), speedup_wall=med(x[1] / x[3] for x in rs),
-                      speedup_runs=[x[2] / x[4] for x in rs], cpu_stolen_runs=[x[0].cpu_stolen for x in rs], acceptance=statistics.mean(x[0].acceptance for x in rs),
+                      speedup_runs=[x[2] / x[4] for x in rs], cpu_stolen_runs=[x[0].cpu_stolen for x in rs],
+                      acceptance=statistics.mean(x[0].acceptance for x in rs),
                       tokens_per_round=statistics.mean(x[0].tokens_per_round for x in rs), **agreement(r.tokens, ar.tokens))
         if gamma == "auto":
             fixed = [x for x in sd if x["speculate"] == mode and x["draft_kv"] == kind and x["budget"] == (budget or None)]
@@ -575,9 +581,7 @@ def sweep_group(args, model, draft_model, prompts, B, S, dtype, device, hw):
             per_cycle = [x[2] / x[4] / s for x, s in zip(rs, best["speedup_runs"])]  # against the best, cycle by cycle
             # The choice itself, free of timing noise: each run's rounds weighed by the timed step
             # costs, as predicted_speedup_batch weighs a fixed gamma's rounds
-            st = steps[mode]
-            cost = {g: (g * st["t_draft"]["full" if kind == "full" else budget] + st["t_verify"][g]) / st["t_target"]
-                    for g in args.gammas}
+            cost = {g: round_cost(steps[mode], kind, budget, g) for g in args.gammas}
             by_rounds = [(args.max_new_tokens - 1) * batches / sum(cost[g] for g in x[0].gammas) for x in rs]
             best_by_rounds = max(x["predicted_speedup_batch"] for x in fixed)
             rec = dict(common, start_gamma=[x[0].gammas[0] for x in rs],
@@ -601,7 +605,7 @@ def sweep_group(args, model, draft_model, prompts, B, S, dtype, device, hw):
                    # a static batch runs until its slowest row is done: Omega is then what the batch
                    # gained per round, max_new_tokens - 1 decode tokens per row over the rounds it took
                    predicted_speedup_batch=(args.max_new_tokens - 1) * batches / statistics.mean(x[0].rounds for x in rs)
-                   / (gamma * td + tv),
+                   / round_cost(st, kind, budget, gamma),
                    # a whole round timed alone also counts the draft refresh and the glue
                    predicted_speedup_from_round=(common["tokens_per_round"] * st["t_target"] / rnd) if rnd else None,
                    max_seq_len=max_seq, kv_slots_read=read)
@@ -613,7 +617,8 @@ def sweep_group(args, model, draft_model, prompts, B, S, dtype, device, hw):
               f"T_V/T_T {tv:.3f}, rows equal to AR {rec['rows_equal']:.2f}", flush=True)
     ar_rec = dict(batch_size=B, prefix=S, prompts=len(prompts), tokens_per_s=med(w for w, _ in ar_runs),
                   tokens_per_s_median_step=med(m for _, m in ar_runs), tokens_per_s_runs=[w for w, _ in ar_runs],
-                  tokens_per_s_median_step_runs=[m for _, m in ar_runs], cpu_stolen_runs=ar_stolen, first_prefill_s=next(iter(prefill_s.values())),
+                  tokens_per_s_median_step_runs=[m for _, m in ar_runs], cpu_stolen_runs=ar_stolen,
+                  first_prefill_s=next(iter(prefill_s.values())),
                   max_seq_len=max_seq, t_target_s={m: st["t_target"] for m, st in steps.items()}, gamma_auto=auto)
     step_rec = dict(batch_size=B, prefix=S, max_seq_len=max_seq, **{m: st for m, st in steps.items()})
     return ar_rec, sd, step_rec, samples
