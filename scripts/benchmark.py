@@ -335,6 +335,16 @@ def assistant_tokens(models, gamma):
             m.generation_config = cfg
 
 
+def hf_compiled_kwargs():
+    """generate() kwargs for transformers' own compiled decoding: a static cache, whose decode step
+    generate() then torch.compiles (on CUDA by default; _compile_all_devices allows the CPU). Mode
+    "default", as this engine compiles on the CPU (reduce-overhead means CUDA graphs)."""
+    from transformers import CompileConfig
+    cfg = CompileConfig(mode="default")
+    cfg._compile_all_devices = True
+    return dict(cache_implementation="static", compile_config=cfg)
+
+
 def hf_warmup(hf, device):
     hf_generate(hf, [[1, 2, 3, 4]], 2, device)
 
@@ -791,14 +801,14 @@ def mode_peer(args):
     N, med = args.max_new_tokens, statistics.median
     results, summary = [], []
     for S in args.prefixes:
-        max_seq = S + N + max(args.gammas) + 1
+        max_seq = S + N + max(args.gammas, default=0) + 1
         for B in sorted({1, *args.ar_batch_sizes}):
             prompts = essays.prompts(B, S)
             spec_too = B == 1
             # (method, SpecArgs, draft model) for the engine; (method, generate() kwargs, models whose
             # drafts are fixed at gamma, gamma) for transformers
             engine = [("ar", None, None)]
-            hf_cfg = [("ar", {}, [], 0)]
+            hf_cfg = [("ar", {}, [], 0)] + ([("ar compiled", hf_compiled_kwargs(), [], 0)] if args.hf_compile else [])
             for gamma in args.gammas if spec_too else []:
                 engine += [(f"self-spec {kind} b{budget} g{gamma}",
                             G.SpecArgs("self", gamma, kind, budget, args.sinks, args.snapkv_window, args.snapkv_recent), None)
@@ -811,6 +821,9 @@ def mode_peer(args):
                     hf_cfg.append((f"assistant model g{gamma}", dict(assistant_model=assistant), [hf, assistant], gamma))
             runs = {("engine", m): [] for m, _, _ in engine} | {("transformers", m): [] for m, _, _, _ in hf_cfg}
             with engine_steps(args.compile, device, args.attn), reuse_prefill():
+                for method, kw, _, _ in hf_cfg:  # compile (and any recompile for this shape) before timing
+                    if "compile_config" in kw:
+                        hf_generate(hf, prompts, N, device, **kw)
                 for cycle in range(args.repeats):
                     for method, sa, dm in engine:
                         start = cpu_counters()
@@ -836,7 +849,7 @@ def mode_peer(args):
                            speedup_over_own_ar=med(x["tokens_per_s"] / a["tokens_per_s"] for x, a in zip(rs, own_ar)),
                            over_transformers_ar=med(x["tokens_per_s"] / h["tokens_per_s"] for x, h in zip(rs, hf_ar)),
                            cpu_stolen_runs=[x["cpu_stolen"] for x in rs], **agreement(rs[0]["tokens"], ref))
-                if method == "ar":  # every AR step does the same work: the median step is the run's own speed
+                if method.startswith("ar"):  # every AR step does the same work: the median step is the run's own speed
                     rec.update(tokens_per_s_median_step=med(x["tokens_per_s_median_step"] for x in rs),
                                over_transformers_ar_median_step=med(x["tokens_per_s_median_step"] / h["tokens_per_s_median_step"]
                                                                     for x, h in zip(rs, hf_ar)))
@@ -849,7 +862,13 @@ def mode_peer(args):
             results += block
             line = dict(prefix=S, batch_size=B, engine_ar_over_transformers_ar=block[0]["over_transformers_ar"],
                         engine_ar_over_transformers_ar_median_step=block[0]["over_transformers_ar_median_step"])
-            best = {sys_: max((r for r in block if r["system"] == sys_ and r["method"] != "ar"),
+            if args.hf_compile:
+                hf_c = runs["transformers", "ar compiled"]
+                line.update(engine_ar_over_transformers_ar_compiled=med(
+                    x["tokens_per_s"] / h["tokens_per_s"] for x, h in zip(runs["engine", "ar"], hf_c)),
+                    engine_ar_over_transformers_ar_compiled_median_step=med(
+                    x["tokens_per_s_median_step"] / h["tokens_per_s_median_step"] for x, h in zip(runs["engine", "ar"], hf_c)))
+            best = {sys_: max((r for r in block if r["system"] == sys_ and not r["method"].startswith("ar")),
                               key=lambda r: r["tokens_per_s"], default=None) for sys_ in ("engine", "transformers")}
             if best["engine"] and best["transformers"]:
                 e, t = runs["engine", best["engine"]["method"]], runs["transformers", best["transformers"]["method"]]
@@ -947,6 +966,8 @@ def main(argv=None):
     q.add_argument("--hf_assistant", default=None, help="HF model dir of a draft for transformers' assistant_model")
     q.add_argument("--hf_assistant_gguf", default="", help="GGUF file inside --hf_assistant, if any")
     q.add_argument("--draft_checkpoint_path", default=None, help="the same draft for this engine (--speculate draft)")
+    q.add_argument("--hf_compile", action="store_true",
+                   help="also time transformers AR with its static cache and compiled decode step")
     q.set_defaults(func=mode_peer)
 
     args = p.parse_args(argv)

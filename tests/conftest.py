@@ -29,10 +29,15 @@ def smollm2_gguf(smollm2_dir):
 
 
 @pytest.fixture(scope="session")
-def essay_text():
+def essays_path():
     path = os.environ.get("ESSAYS_PATH") or os.path.join(REPO_ROOT, "..", "shared", "data", "PaulGrahamEssays.json")
     if not os.path.exists(path):
         pytest.fail(f"essays not found at {os.path.abspath(path)}; set ESSAYS_PATH to PaulGrahamEssays.json",
                     pytrace=False)
-    with open(path) as f:
+    return path
+
+
+@pytest.fixture(scope="session")
+def essay_text(essays_path):
+    with open(essays_path) as f:
         return json.load(f)["text"]
