@@ -5,8 +5,8 @@ compute dtype's precision.
 
 Greedy speculative decoding is exact: its rows equal autoregressive ones token for token, which the
 tests check in fp32. In bf16 the two can still part: a verify step runs the target over gamma + 1
-tokens and a decode step over one, and the matmul kernels for the two shapes round differently (on
-the CPU a batch-1 decode step runs matrix-vector kernels). Where the two best tokens' logits lie
+tokens and a decode step over one, and the matmul kernels for the two shapes may round differently
+(on the CPU, rows part most at batch 1). Where the two best tokens' logits lie
 closer than bf16 resolves (0.125 apart at logits of 16-32), either path may pick either. For each
 row's first parting this recomputes the logits in fp32 on the common prefix and reports the gap
 between the two tokens in units in the last place (ulp) of the compute dtype at that magnitude: a
