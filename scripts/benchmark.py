@@ -799,6 +799,10 @@ def mode_peer(args):
     draft_model = load_model(args.draft_checkpoint_path, device, dtype) if args.draft_checkpoint_path else None
     hf_warmup(hf, device)
     N, med = args.max_new_tokens, statistics.median
+
+    def paired(runs_a, runs_b, key="tokens_per_s"):  # median over cycles of the ratio within a cycle
+        return med(x[key] / y[key] for x, y in zip(runs_a, runs_b))
+
     results, summary = [], []
     for S in args.prefixes:
         max_seq = S + N + max(args.gammas, default=0) + 1
@@ -846,13 +850,11 @@ def mode_peer(args):
                 own_ar = runs[system, "ar"]
                 rec = dict(prefix=S, batch_size=B, system=system, method=method,
                            tokens_per_s=med(x["tokens_per_s"] for x in rs), tokens_per_s_runs=[x["tokens_per_s"] for x in rs],
-                           speedup_over_own_ar=med(x["tokens_per_s"] / a["tokens_per_s"] for x, a in zip(rs, own_ar)),
-                           over_transformers_ar=med(x["tokens_per_s"] / h["tokens_per_s"] for x, h in zip(rs, hf_ar)),
+                           speedup_over_own_ar=paired(rs, own_ar), over_transformers_ar=paired(rs, hf_ar),
                            cpu_stolen_runs=[x["cpu_stolen"] for x in rs], **agreement(rs[0]["tokens"], ref))
                 if method.startswith("ar"):  # every AR step does the same work: the median step is the run's own speed
                     rec.update(tokens_per_s_median_step=med(x["tokens_per_s_median_step"] for x in rs),
-                               over_transformers_ar_median_step=med(x["tokens_per_s_median_step"] / h["tokens_per_s_median_step"]
-                                                                    for x, h in zip(rs, hf_ar)))
+                               over_transformers_ar_median_step=paired(rs, hf_ar, "tokens_per_s_median_step"))
                 if "acceptance" in rs[0]:
                     rec.update(acceptance=statistics.mean(x["acceptance"] for x in rs),
                                tokens_per_round=statistics.mean(x["tokens_per_round"] for x in rs))
@@ -863,11 +865,9 @@ def mode_peer(args):
             line = dict(prefix=S, batch_size=B, engine_ar_over_transformers_ar=block[0]["over_transformers_ar"],
                         engine_ar_over_transformers_ar_median_step=block[0]["over_transformers_ar_median_step"])
             if args.hf_compile:
-                hf_c = runs["transformers", "ar compiled"]
-                line.update(engine_ar_over_transformers_ar_compiled=med(
-                    x["tokens_per_s"] / h["tokens_per_s"] for x, h in zip(runs["engine", "ar"], hf_c)),
-                    engine_ar_over_transformers_ar_compiled_median_step=med(
-                    x["tokens_per_s_median_step"] / h["tokens_per_s_median_step"] for x, h in zip(runs["engine", "ar"], hf_c)))
+                ar_pair = runs["engine", "ar"], runs["transformers", "ar compiled"]
+                line.update(engine_ar_over_transformers_ar_compiled=paired(*ar_pair),
+                            engine_ar_over_transformers_ar_compiled_median_step=paired(*ar_pair, "tokens_per_s_median_step"))
             best = {sys_: max((r for r in block if r["system"] == sys_ and not r["method"].startswith("ar")),
                               key=lambda r: r["tokens_per_s"], default=None) for sys_ in ("engine", "transformers")}
             if best["engine"] and best["transformers"]:
@@ -875,8 +875,7 @@ def mode_peer(args):
                 line.update(best_engine_spec=best["engine"]["method"], best_transformers_assisted=best["transformers"]["method"],
                             best_engine_spec_over_own_ar=best["engine"]["speedup_over_own_ar"],
                             best_transformers_assisted_over_own_ar=best["transformers"]["speedup_over_own_ar"],
-                            best_engine_spec_over_best_transformers_assisted=med(
-                                x["tokens_per_s"] / y["tokens_per_s"] for x, y in zip(e, t)))
+                            best_engine_spec_over_best_transformers_assisted=paired(e, t))
             summary.append(line)
             print(line, flush=True)
     write_json(args, dict(results=results, summary=summary))

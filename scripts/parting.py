@@ -37,10 +37,11 @@ def gap_in_ulps(a: float, b: float, dtype: torch.dtype) -> float:
 def fp32_logits(model, tokens):
     """Logits after the last of `tokens` (one row), from an fp32 prefill."""
     a = model.args
-    cache = KVCache(a.n_layer, 1, model.layers[0].attention.n_kv_head, -(-len(tokens) // 512) * 512, a.head_dim, torch.float32,
-                    model.tok_embeddings.weight.device, "sdpa")
+    chunk = 512  # prefill pads the row to whole chunks: the cache holds them
+    cache = KVCache(a.n_layer, 1, model.layers[0].attention.n_kv_head, -(-len(tokens) // chunk) * chunk, a.head_dim,
+                    torch.float32, model.tok_embeddings.weight.device, "sdpa")
     ids, lens = G.pad_prompts([tokens], model.tok_embeddings.weight.device)
-    return G.prefill(model, cache, ids, lens, 512)[0].float()
+    return G.prefill(model, cache, ids, lens, chunk)[0].float()
 
 
 def main(argv=None):
@@ -91,11 +92,11 @@ def main(argv=None):
         lg = logits_at[i, at]
         la, ls = lg[a_tok].item(), lg[s_tok].item()
         gap = gap_in_ulps(la, ls, dtype)
-        report.append(dict(gamma=gamma, row=i, position=at, ar_token=a_tok, sd_token=s_tok, ar_logit_fp32=la,
-                           sd_logit_fp32=ls, fp32_argmax=int(lg.argmax()), gap_ulps=gap, tie=gap <= args.max_ulps))
+        r = dict(gamma=gamma, row=i, position=at, ar_token=a_tok, sd_token=s_tok, ar_logit_fp32=la, sd_logit_fp32=ls,
+                 fp32_argmax=int(lg.argmax()), gap_ulps=gap, tie=gap <= args.max_ulps)
+        report.append(r)
         print(f"gamma {gamma} row {i} parts at token {at}: AR {a_tok} ({la:.4f}), SD {s_tok} ({ls:.4f}), fp32 argmax "
-              f"{int(lg.argmax())}; gap {gap:.2f} ulp of {args.dtype}: {'tie' if gap <= args.max_ulps else 'NOT A TIE'}",
-              flush=True)
+              f"{r['fp32_argmax']}; gap {gap:.2f} ulp of {args.dtype}: {'tie' if r['tie'] else 'NOT A TIE'}", flush=True)
     wide = [r for r in report if not r["tie"]]
     print(f"{len(report)} partings, {len(wide)} wider than {args.max_ulps} ulp")
     if args.json:
