@@ -1,7 +1,9 @@
-# Static-shape KV caches. Every cache answers one call from the model:
-#   update(layer_id, input_pos [B, T], k [B, Hkv, T, D], v) -> (k_all [B, Hkv, S, D], v_all, mask [B, 1|Hkv, T, S])
-# It writes the new entries, then returns everything the new queries may read with a boolean mask
-# (True = attend). No shape depends on how many tokens a row holds: rows are ragged through masks.
+# Static-shape KV caches. A cache is a list of per-layer caches (`cache.layers`), and every layer
+# cache answers one call from its attention layer:
+#   update(input_pos [B, T], k [B, Hkv, T, D], v) -> (k_all [B, Hkv, S, D], v_all, mask)
+# It writes the new entries, then returns everything the new queries may read and the mask saying
+# which of it they read. Each layer owns its own buffers and no layer index appears anywhere, so one
+# compiled transformer block serves every layer (see model.run_block).
 #
 # Rows never need explicit "lengths" to stay correct: a query at position p reads exactly the keys at
 # positions <= p. Entries beyond a row's committed length (prefill padding, rejected draft tokens)
@@ -9,10 +11,12 @@
 # reach it. So rollback after a rejected speculation is free: the caller just does not advance.
 #
 # The mask takes the form the cache's attention backend reads (model.attend dispatches on it):
-# "sdpa" a boolean tensor; "flex" a FlexAttention BlockMask built from tensors inside the compiled
-# step, whose mask_mod (one function object per cache and layer, made once) reads this cache's
-# buffers, the query positions among them, rewritten in place; "flash" (full cache only) the int32
-# number of keys per row, for flash-attn's KV-cache kernel.
+# "sdpa" a boolean tensor [B, 1 | Hkv, T, S] (True = attend); "flex" a FlexAttention BlockMask built
+# from tensors inside the compiled step, over the query heads of each KV group folded into the query
+# axis; "flash" (full cache only) the int32 number of keys per row, for flash-attn's KV-cache kernel.
+# Flex runs only inside compiled steps (eager flex materialises every score): outside them, and
+# for blocks longer than one flex query block (prefill chunks), the same cache answers with SDPA's
+# boolean mask.
 import os
 
 import torch
@@ -32,84 +36,163 @@ def flex_mask(mask_mod, n_full, full_indices, n_partial, partial_indices, q_len,
                                     mask_mod=mask_mod, seq_lengths=(q_len, kv_len), compute_q_blocks=False)
 
 
-def flex_buffers(module, batch_size, q_cap, kv_len, device):
-    # q_pos: the query positions mask_mod reads. Layer 0 writes them, once per forward: a write per
-    # layer would leave the earlier values unrealised intermediates, which inductor's CPU flex kernel
-    # cannot take as inputs.
-    module.register_buffer("q_pos", torch.zeros(batch_size, q_cap, dtype=torch.long, device=device))
-    n = -(-kv_len // FLEX_BLOCK)
-    idx = torch.arange(n, dtype=torch.int32, device=device).expand(batch_size, 1, 1, n).contiguous()
-    module.register_buffer("kv_indices", idx)
+def uses_flex(attn, q_per_kv, T):
+    # one query block of folded queries: decode and verify steps, not prefill chunks
+    return attn == "flex" and q_per_kv * T <= FLEX_BLOCK and torch.compiler.is_compiling()
 
 
-def layer_views(module, *names):
-    """Register each layer's slice of the [n_layer, ...] buffers as a buffer of its own (a view: no
-    memory). Compiled steps write and read through these, so the graph gets every layer as an input
-    of its own: a layer view taken inside the graph is copied whole on each write (functionalisation
-    does not write the slice back in place), and torch's CPU flex kernel reads it at offset 0.
-    The views share memory with the stacked buffers, so a cache is built on its device, never moved."""
-    for name in names:
-        for i, t in enumerate(getattr(module, name).unbind(0)):
-            module.register_buffer(f"{name}{i}", t, persistent=False)
-
-
-def check_fits(nbytes: int, device: torch.device, what: str) -> None:
-    """Refuse an allocation that cannot fit, before trying it."""
+def free_memory(device) -> int:
+    """Bytes this process may still allocate on device. On the CPU that is the smallest of the
+    machine's available memory, the cgroup's remaining allowance and the address-space rlimit."""
     device = torch.device(device)
     if device.type == "cuda":
         # blocks the caching allocator holds but no tensor uses are free to this process too
-        free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    else:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    free = [os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")]
+    for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # cgroup v2, then v1
+                         ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            with open(limit) as f, open(usage) as g:
+                text = f.read().strip()
+                if text != "max":
+                    free.append(int(text) - int(g.read()))
+            break
+        except (OSError, ValueError):
+            continue
+    import resource
+    soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if soft != resource.RLIM_INFINITY:
+        with open("/proc/self/statm") as f:
+            free.append(soft - int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE"))
+    return max(min(free), 0)
+
+
+def check_fits(nbytes: int, device, what: str) -> None:
+    """Refuse an allocation that cannot fit, before trying it."""
+    free = free_memory(device)
     if nbytes > free:
         raise MemoryError(f"{what} needs {nbytes:,} bytes ({nbytes / 2**30:.2f} GiB) but only "
-                          f"{free:,} bytes are free on {device}; lower --batch_size or --max_seq_len")
+                          f"{free:,} bytes are free to this process on {device}; lower --batch_size or --max_seq_len")
 
 
-class KVCache(nn.Module):
-    """Full cache of the target: k, v [n_layer, B, Hkv, S, D]; position s lives in slot s."""
+class LayerKV(nn.Module):
+    """One layer of the target's full cache: k, v [B, Hkv, S, D]; position s lives in slot s."""
 
-    def __init__(self, n_layer, batch_size, n_kv_head, max_seq_len, head_dim, dtype, device, attn="sdpa"):
+    def __init__(self, batch_size, n_kv_head, max_seq_len, head_dim, dtype, device, attn, q_per_kv):
         super().__init__()
-        if attn == "flash":  # room for a verify block past the end: flash cannot clamp (see update)
-            max_seq_len += FLASH_MAX_T
-        shape = (n_layer, batch_size, n_kv_head, max_seq_len, head_dim)
-        check_fits(2 * torch.Size(shape).numel() * dtype.itemsize, device, "the KV cache")
+        shape = (batch_size, n_kv_head, max_seq_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device))
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device))
-        layer_views(self, "k", "v")
         self.register_buffer("slot_pos", torch.arange(max_seq_len, device=device))
         self.register_buffer("rows", torch.arange(batch_size, device=device)[:, None])
-        self.max_seq_len = max_seq_len
-        self.attn = attn
-        if attn == "flex":
-            flex_buffers(self, batch_size, max_seq_len, max_seq_len, device)
-            self.mask_mod = lambda b, h, q, kv: kv <= self.q_pos[b, q]
+        n_blocks = -(-max_seq_len // FLEX_BLOCK)
+        self.register_buffer("kv_indices", torch.arange(n_blocks, dtype=torch.int32, device=device)
+                             .expand(batch_size, 1, 1, n_blocks).contiguous())
+        self.max_seq_len, self.attn, self.q_per_kv = max_seq_len, attn, q_per_kv
 
-    def update(self, layer_id, input_pos, k, v):
+    def update(self, input_pos, k, v):
         # Positions past the end (padding of the last prefill chunk, a verify block that runs over)
         # land in the last slot; only queries at or past that position could read it.
         S, T = self.max_seq_len, input_pos.shape[1]
         slot = input_pos.clamp(max=S - 1)
-        k_all, v_all = self.layer(layer_id)
-        k_all[self.rows, :, slot] = k.transpose(1, 2)  # indexed view is [B, T, Hkv, D]
-        v_all[self.rows, :, slot] = v.transpose(1, 2)
-        if self.attn == "flex":  # reads the blocks up to each row's last query position, no further
-            if layer_id == 0:  # one write per forward (see flex_buffers)
-                self.q_pos[:, :T] = input_pos
-            n_blocks = self.kv_indices.shape[-1]
-            n = (input_pos.amax(1) // FLEX_BLOCK + 1).clamp(max=n_blocks).int()[:, None, None]
-            full = ((input_pos.amin(1) + 1) // FLEX_BLOCK).int()[:, None, None].clamp(max=n)  # seen whole by all
-            partial = (self.kv_indices + full[..., None]).clamp(max=n_blocks - 1)
-            return k_all, v_all, flex_mask(self.mask_mod, full, self.kv_indices, n - full, partial, T, S)
+        self.k[self.rows, :, slot] = k.transpose(1, 2)  # indexed view is [B, T, Hkv, D]
+        self.v[self.rows, :, slot] = v.transpose(1, 2)
+        if uses_flex(self.attn, self.q_per_kv, T):
+            return self.k, self.v, self.flex_mask(input_pos)
         if self.attn == "flash" and T <= FLASH_MAX_T:
             # causal bottom-right aligned on the row's key count: right for contiguous positions that
             # were not clamped, which the extra slots guarantee for blocks of up to FLASH_MAX_T
-            return k_all, v_all, (input_pos[:, -1] + 1).int()
-        return k_all, v_all, self.slot_pos <= input_pos[:, None, :, None]  # [B, 1, T, S]
+            return self.k, self.v, (input_pos[:, -1] + 1).int()
+        return self.k, self.v, self.bool_mask(input_pos)
 
-    def layer(self, layer_id):
-        return getattr(self, f"k{layer_id}"), getattr(self, f"v{layer_id}")
+    def bool_mask(self, input_pos):
+        return self.slot_pos <= input_pos[:, None, :, None]  # [B, 1, T, S]
+
+    def flex_mask(self, input_pos):
+        """Reads the KV blocks up to each row's last query position, no further (flash-decoding splits
+        what it reads across thread blocks). Folded query q_idx is query head q_idx // T, token q_idx % T."""
+        T = input_pos.shape[1]
+        n_blocks = self.kv_indices.shape[-1]
+        n = (input_pos.amax(1) // FLEX_BLOCK + 1).clamp(max=n_blocks).int()[:, None, None]
+        full = ((input_pos.amin(1) + 1) // FLEX_BLOCK).int()[:, None, None].clamp(max=n)  # seen whole by all
+        partial = (self.kv_indices + full[..., None]).clamp(max=n_blocks - 1)
+        mask_mod = lambda b, h, q, kv: kv <= input_pos[b, q % T]  # noqa: E731
+        return flex_mask(mask_mod, full, self.kv_indices, n - full, partial, self.q_per_kv * T, self.max_seq_len)
+
+
+class KVCache(nn.Module):
+    """Full cache of the target: one LayerKV per layer."""
+
+    def __init__(self, n_layer, batch_size, n_kv_head, max_seq_len, head_dim, dtype, device, attn="sdpa", q_per_kv=1):
+        super().__init__()
+        if attn == "flash":  # room for a verify block past the end: flash cannot clamp (see update)
+            max_seq_len += FLASH_MAX_T
+        check_fits(2 * n_layer * batch_size * n_kv_head * max_seq_len * head_dim * dtype.itemsize, device, "the KV cache")
+        self.layers = nn.ModuleList(LayerKV(batch_size, n_kv_head, max_seq_len, head_dim, dtype, device, attn, q_per_kv)
+                                    for _ in range(n_layer))
+        self.max_seq_len = max_seq_len
+
+    def copy_row(self, row: int, src: "KVCache", src_row: int = 0):
+        """Row `row` of every layer := row `src_row` of src (same max_seq_len): how a prompt prefilled
+        on its own joins a running batch."""
+        for dst, s in zip(self.layers, src.layers):
+            dst.k[row].copy_(s.k[src_row])
+            dst.v[row].copy_(s.v[src_row])
+
+
+class LayerDraftKV(nn.Module):
+    """One layer of a sparse draft cache: k, v [B, Hkv, N, D]; slot_pos [B, Hkv, N] holds each
+    entry's absolute position (-1 = empty). See DraftCache for the slot layout."""
+
+    def __init__(self, batch_size, n_kv_head, head_dim, n_keep, window, ring, n_sink_pos, dtype, device, attn, q_per_kv):
+        super().__init__()
+        n_slots = n_keep + ring
+        shape = (batch_size, n_kv_head, n_slots, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device))
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device))
+        self.register_buffer("slot_pos", torch.full(shape[:-1], -1, dtype=torch.long, device=device))
+        self.register_buffer("is_fixed", torch.arange(n_slots, device=device) < n_keep)
+        self.register_buffer("rows", torch.arange(batch_size, device=device)[:, None])
+        n_blocks = -(-n_slots // FLEX_BLOCK)
+        # every block is read (the cache is the budget); no block is seen whole (the CPU kernel
+        # cannot take the same index tensor twice)
+        self.register_buffer("kv_indices", torch.arange(n_blocks, dtype=torch.int32, device=device)
+                             .expand(batch_size, 1, 1, n_blocks).contiguous())
+        self.register_buffer("kv_blocks", self.kv_indices.new_full((batch_size, 1, 1), n_blocks))
+        self.register_buffer("no_blocks", torch.zeros_like(self.kv_blocks))
+        self.register_buffer("no_indices", torch.zeros_like(self.kv_indices))
+        self.n_keep, self.window, self.ring, self.n_sink_pos = n_keep, window, ring, n_sink_pos
+        self.attn = "flex" if attn == "flex" else "sdpa"  # flash-attn cannot express sinks + window
+        self.q_per_kv = q_per_kv
+
+    def slot_of(self, pos):
+        return torch.where(pos < self.n_sink_pos, pos, self.n_keep + pos % self.ring)
+
+    def write(self, input_pos, k, v):
+        slot = self.slot_of(input_pos)  # [B, T]
+        self.k[self.rows, :, slot] = k.transpose(1, 2)
+        self.v[self.rows, :, slot] = v.transpose(1, 2)
+        self.slot_pos[self.rows, :, slot] = input_pos[:, :, None]
+
+    def sees(self, s, q, fixed):
+        """Whether a query at position q reads the entry at position s (fixed: in a fixed slot)."""
+        return (s >= 0) & (s <= q) & (fixed | (s > q - self.window))
+
+    def bool_mask(self, input_pos):
+        """[B, Hkv, T, N]"""
+        return self.sees(self.slot_pos[:, :, None, :], input_pos[:, None, :, None], self.is_fixed)
+
+    def update(self, input_pos, k, v):
+        self.write(input_pos, k, v)
+        T = input_pos.shape[1]
+        if uses_flex(self.attn, self.q_per_kv, T):
+            slot_pos = self.slot_pos
+
+            def mask_mod(b, h, q, kv):  # h is a KV head: the query heads of its group are folded into q
+                return self.sees(slot_pos[b, h, kv], input_pos[b, q % T], kv < self.n_keep)
+            return self.k, self.v, flex_mask(mask_mod, self.no_blocks, self.no_indices, self.kv_blocks,
+                                             self.kv_indices, self.q_per_kv * T, self.k.shape[2])
+        return self.k, self.v, self.bool_mask(input_pos)
 
 
 class DraftCache(nn.Module):
@@ -120,9 +203,8 @@ class DraftCache(nn.Module):
     ring slot p % ring, and the ring has gamma + 1 spare slots so the entries of one speculation
     round never evict positions that a rejection makes current again. A query at position q sees
     fixed entries at positions <= q and ring entries in (q - window, q]: exactly n_keep + window
-    = draft_budget entries, the same after any rollback.
-    k, v [n_layer, B, Hkv, N, D]; slot_pos [n_layer, B, Hkv, N] holds each entry's absolute position
-    (-1 = empty). Keys keep their absolute RoPE positions, so target keys can be copied in as they are.
+    = draft_budget entries, the same after any rollback. Keys keep their absolute RoPE positions,
+    so target keys can be copied in as they are.
     """
 
     def __init__(self, kind, n_layer, batch_size, n_kv_head, head_dim, draft_budget, gamma, dtype, device,
@@ -131,107 +213,53 @@ class DraftCache(nn.Module):
         if kind == "streaming":
             if draft_budget <= sinks:
                 raise ValueError(f"--draft_budget {draft_budget} must be larger than --sinks {sinks}")
-            self.window = draft_budget - sinks
+            window = draft_budget - sinks
         else:  # snapkv: the selected prompt entries plus a ring of the most recent `recent` positions
-            self.window = recent or draft_budget // 2
-            if not 0 < self.window < draft_budget:
-                raise ValueError(f"--draft_budget {draft_budget} must be larger than the SnapKV recent window {self.window}")
-        self.kind = kind
-        self.n_keep = draft_budget - self.window
+            window = recent or draft_budget // 2
+            if not 0 < window < draft_budget:
+                raise ValueError(f"--draft_budget {draft_budget} must be larger than the SnapKV recent window {window}")
+        self.kind, self.window = kind, window
+        self.n_keep = draft_budget - window
         # streaming: positions below n_keep go to slot = position; snapkv: fixed slots are filled once
         self.n_sink_pos = self.n_keep if kind == "streaming" else 0
-        self.ring = self.window + gamma + 1
+        self.ring = window + gamma + 1
         n_slots = self.n_keep + self.ring
-        shape = (n_layer, batch_size, n_kv_head, n_slots, head_dim)
-        check_fits(2 * torch.Size(shape).numel() * dtype.itemsize, device, "the draft KV cache")
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device))
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device))
-        self.register_buffer("slot_pos", torch.full(shape[:-1], -1, dtype=torch.long, device=device))
-        layer_views(self, "k", "v", "slot_pos")
-        self.register_buffer("is_fixed", torch.arange(n_slots, device=device) < self.n_keep)
-        self.register_buffer("rows", torch.arange(batch_size, device=device)[:, None])
-        # flash-attn cannot express sinks + window, so only flex replaces SDPA here. All blocks are read
-        # (the cache is the budget); each layer has its own mask_mod, made once, read by compiled steps.
-        self.flex = attn == "flex"
-        if self.flex:
-            flex_buffers(self, batch_size, n_slots, n_slots, device)
-            self.register_buffer("kv_blocks", self.kv_indices.new_full((batch_size, 1, 1), self.kv_indices.shape[-1]))
-            # no block is seen whole (the CPU kernel cannot take the same index tensor twice)
-            self.register_buffer("no_blocks", torch.zeros_like(self.kv_blocks))
-            self.register_buffer("no_indices", torch.zeros_like(self.kv_indices))
-            self.mask_mods = [self.flex_mask_mod(layer_id, q_per_kv) for layer_id in range(n_layer)]
+        check_fits(n_layer * batch_size * n_kv_head * n_slots * (2 * head_dim * dtype.itemsize + 8), device,
+                   "the draft KV cache")
+        self.layers = nn.ModuleList(
+            LayerDraftKV(batch_size, n_kv_head, head_dim, self.n_keep, window, self.ring, self.n_sink_pos, dtype,
+                         device, attn, q_per_kv) for _ in range(n_layer))
 
-    def flex_mask_mod(self, layer_id, q_per_kv):
-        def mask_mod(b, h, q, kv):  # h is a query head
-            return self.sees(self.layer(layer_id)[2][b, h // q_per_kv, kv], self.q_pos[b, q], kv < self.n_keep)
-        return mask_mod
-
-    def layer(self, layer_id):
-        return getattr(self, f"k{layer_id}"), getattr(self, f"v{layer_id}"), getattr(self, f"slot_pos{layer_id}")
-
-    def slot_of(self, pos):
-        return torch.where(pos < self.n_sink_pos, pos, self.n_keep + pos % self.ring)
-
-    def write(self, layer_id, input_pos, k, v):
-        slot = self.slot_of(input_pos)  # [B, T]
-        k_all, v_all, slot_pos = self.layer(layer_id)
-        k_all[self.rows, :, slot] = k.transpose(1, 2)
-        v_all[self.rows, :, slot] = v.transpose(1, 2)
-        slot_pos[self.rows, :, slot] = input_pos[:, :, None]
-
-    def sees(self, s, q, fixed):
-        """Whether a query at position q reads the entry at position s (fixed: in a fixed slot)."""
-        return (s >= 0) & (s <= q) & (fixed | (s > q - self.window))
-
-    def visible(self, slot_pos, query_pos):
-        """slot_pos [B, Hkv, N], query_pos [B, T] -> [B, Hkv, T, N]"""
-        return self.sees(slot_pos[:, :, None, :], query_pos[:, None, :, None], self.is_fixed)
-
-    def update(self, layer_id, input_pos, k, v):
-        self.write(layer_id, input_pos, k, v)
-        k, v, slot_pos = self.layer(layer_id)
-        # outside a compiled step flex would compile once per layer's mask_mod: SDPA computes the same there
-        if self.flex and torch.compiler.is_compiling():
-            T = input_pos.shape[1]
-            if layer_id == 0:
-                self.q_pos[:, :T] = input_pos
-            return k, v, flex_mask(self.mask_mods[layer_id], self.no_blocks, self.no_indices, self.kv_blocks,
-                                   self.kv_indices, T, k.shape[2])
-        return k, v, self.visible(slot_pos, input_pos)
-
-    def copy_from(self, full: KVCache, pos):
-        """Overwrite the entries at positions pos [B, T] with the full cache's (the target's verified K/V)."""
-        slot = pos.clamp(max=full.max_seq_len - 1)
-        for layer_id in range(self.k.shape[0]):
-            k, v = full.layer(layer_id)
-            self.write(layer_id, pos, k[self.rows, :, slot].transpose(1, 2), v[self.rows, :, slot].transpose(1, 2))
-
-    def fill(self, full: KVCache, prompt_lens, scores=None):
-        """Build the draft cache from a full cache holding the prompts (lengths prompt_lens [B]).
-        scores [n_layer, B, Hkv, S] (SnapKV only): observation-window attention to each prefix position."""
-        L, B, H, N, _ = self.k.shape
-        last = (prompt_lens - 1)[:, None]  # [B, 1]
+    def fill(self, full: KVCache, prompt_lens, scores=None, rows=None):
+        """Build the draft cache from a full cache holding the prompts (lengths prompt_lens [b]), into
+        rows `rows` [b] of this cache (default: all, b = B). scores [n_layer, b, Hkv, S] (SnapKV
+        only): observation-window attention to each prefix position."""
+        last = (prompt_lens - 1)[:, None]  # [b, 1]
+        b, H = last.shape[0], self.layers[0].k.shape[1]
         r = torch.arange(self.ring, device=last.device)
         ring_pos = last - (last - r).remainder(self.ring)  # newest position <= last in each ring slot
-        ring_pos = torch.where(ring_pos >= self.n_sink_pos, ring_pos, -1)  # [B, ring]
+        ring_pos = torch.where(ring_pos >= self.n_sink_pos, ring_pos, -1)[:, None].expand(-1, H, -1)  # [b, H, ring]
         if self.kind == "streaming":
-            sink_pos = torch.arange(self.n_keep, device=last.device).expand(B, -1)
-            keep_pos = torch.where(sink_pos <= last, sink_pos, -1)[None, :, None].expand(L, B, H, -1)
-        else:
-            keep_pos = snapkv_select(scores, prompt_lens, self.n_keep, self.window)
-        pos = torch.cat([keep_pos, ring_pos[None, :, None].expand(L, B, H, -1)], -1)  # [L, B, H, N]
-        idx = pos.clamp(min=0)[..., None].expand(-1, -1, -1, -1, self.k.shape[-1])
-        self.k.copy_(full.k.gather(3, idx))
-        self.v.copy_(full.v.gather(3, idx))
-        self.slot_pos.copy_(pos)
+            sink_pos = torch.arange(self.n_keep, device=last.device).expand(b, -1)
+            keep_pos = torch.where(sink_pos <= last, sink_pos, -1)[:, None].expand(-1, H, -1)
+        rows = slice(None) if rows is None else rows
+        for i, (layer, src) in enumerate(zip(self.layers, full.layers)):
+            if self.kind == "snapkv":
+                keep_pos = snapkv_select(scores[i], prompt_lens, self.n_keep, self.window)
+            pos = torch.cat([keep_pos, ring_pos], -1)  # [b, H, N]
+            idx = pos.clamp(min=0)[..., None].expand(-1, -1, -1, layer.k.shape[-1])
+            layer.k[rows] = src.k.gather(2, idx)
+            layer.v[rows] = src.v.gather(2, idx)
+            layer.slot_pos[rows] = pos
 
 
 def snapkv_select(scores, prompt_lens, n_keep, window, pool_kernel=5):
-    """SnapKV: per layer, row and KV head keep the n_keep positions before the last `window` prompt
+    """SnapKV: per row and KV head keep the n_keep positions before the last `window` prompt
     positions (those go to the ring) that the observation queries attend to most, after average
-    pooling over neighbouring positions. scores [L, B, H, S] -> positions [L, B, H, n_keep] (-1 where the prefix is shorter)."""
-    L, B, H, S = scores.shape
-    pooled = F.avg_pool1d(scores.reshape(-1, 1, S), pool_kernel, stride=1, padding=pool_kernel // 2).view(L, B, H, S)
+    pooling over neighbouring positions. scores [B, H, S] -> positions [B, H, n_keep] (-1 where the
+    prefix is shorter)."""
+    B, H, S = scores.shape
+    pooled = F.avg_pool1d(scores.reshape(-1, 1, S), pool_kernel, stride=1, padding=pool_kernel // 2).view(B, H, S)
     in_prefix = torch.arange(S, device=scores.device) < (prompt_lens - window)[:, None, None]  # [B, 1, S]
     pooled = pooled.masked_fill(~in_prefix, float("-inf"))
     top, pos = pooled.topk(min(n_keep, S), dim=-1)
@@ -245,17 +273,7 @@ def snapkv_scores(model, cache, tokens, prompt_lens, window=32):
     collect their attention to every cache position, summed over the window's queries and the query
     heads of each KV group -> [n_layer, B, Hkv, S]. tokens [B, T] right-padded prompts."""
     pos = (prompt_lens[:, None] - window + torch.arange(window, device=tokens.device)).clamp(min=0)
-    attn = [layer.attention for layer in model.layers]
-    for a in attn:
-        a.capture_scores = True
-    # dense scores need the boolean mask anyway, and rows shorter than the window repeat positions,
-    # which flash-attn's length-based causal mask cannot express
-    backend, cache.attn = cache.attn, "sdpa"
-    try:
-        model(tokens.gather(1, pos), pos, cache, logits_idx=pos[:, :1] * 0)
-    finally:
-        cache.attn = backend
-        for a in attn:
-            a.capture_scores = False
+    scores = []
+    model(tokens.gather(1, pos), pos, cache, logits_idx=pos[:, :1] * 0, scores=scores)
     # rows shorter than the window repeat position 0; they have no prefix to select from anyway
-    return torch.stack([a.scores for a in attn])
+    return torch.stack(scores)

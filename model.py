@@ -1,7 +1,7 @@
 # Llama-family decoder (Llama 2/3/3.1/3.2, Mistral, Qwen2.5, SmolLM2) in the gpt-fast layout:
 # fused wqkv, interleaved ("Meta") RoPE, caches passed in from outside so that one set of weights
 # can run against the full target cache or a sparse draft cache (self-speculation).
-import functools
+import hashlib
 import json
 import math
 import os
@@ -118,12 +118,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).flatten(-2).type_as(x)
 
 
-@functools.cache
-def compiled_flex():
-    # eager flex_attention materialises the whole score matrix; compiled, it is a fused kernel
-    return torch.compile(flex_attention, dynamic=False)
-
-
 try:  # optional, CUDA only: flash-attn's KV-cache kernel (untested in this repository's CI)
     from flash_attn import flash_attn_with_kvcache
 except ImportError:
@@ -146,15 +140,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Ten
     [B, 1 or Hkv, T, S] (True = attend) for SDPA; a BlockMask for FlexAttention; int32 valid key counts
     [B] for flash-attn (the keys of each row are positions 0..n-1, queries the last T of them).
 
-    SDPA: GQA is folded into the query length: the g query heads sharing a KV head become g*T query
-    rows, so each KV head is read once and a one-token decode step is a g-row attention."""
-    if isinstance(mask, BlockMask):
-        flex = flex_attention if torch.compiler.is_compiling() else compiled_flex()
-        scale = None
-        if q.device.type == "cpu":  # torch's CPU flex kernel takes q only from a 4-d buffer of its own
-            q, scale = q * q.shape[-1] ** -0.5, 1.0
-        return flex(q, k, v, block_mask=mask, scale=scale, enable_gqa=True)
-    if mask.dtype == torch.int32:
+    SDPA and flex: GQA is folded into the query length: the g query heads sharing a KV head become
+    g*T query rows, so each KV head is read once, a one-token decode step is a g-row attention, and
+    flex sees one query head per KV head (its decode kernel wants a power-of-two group)."""
+    if isinstance(mask, torch.Tensor) and mask.dtype == torch.int32:
         if flash_attn_with_kvcache is None:
             raise RuntimeError("attention backend 'flash' needs the flash-attn package (CUDA)")
         return flash_kvcache(q.transpose(1, 2).contiguous(), k.transpose(1, 2), v.transpose(1, 2), mask).transpose(1, 2)
@@ -162,8 +151,14 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Ten
     Hkv = k.shape[1]
     g = Hq // Hkv
     q = q.reshape(B, Hkv, g * T, D)
-    mask = mask[:, :, None].expand(-1, -1, g, -1, -1).reshape(B, mask.shape[1], g * T, -1)
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    if isinstance(mask, BlockMask):
+        scale = None
+        if q.device.type == "cpu":  # torch's CPU flex kernel takes q only from a 4-d buffer of its own
+            q, scale = q * D ** -0.5, 1.0
+        y = flex_attention(q, k, v, block_mask=mask, scale=scale)
+    else:
+        mask = mask[:, :, None].expand(-1, -1, g, -1, -1).reshape(B, mask.shape[1], g * T, -1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return y.reshape(B, Hq, T, D)  # CUDA kernels may return [B, T, H, D]-strided outputs
 
 
@@ -186,20 +181,23 @@ class Attention(nn.Module):
         qkv_out = (args.n_head + 2 * args.n_kv_head) * args.head_dim
         self.wqkv = nn.Linear(args.dim, qkv_out, bias=args.qkv_bias)
         self.wo = nn.Linear(args.n_head * args.head_dim, args.dim, bias=False)
-        self.capture_scores = False  # set by the SnapKV observation pass (kv_cache.snapkv_scores)
-        self.scores = None
 
-    def forward(self, x, cos, sin, input_pos, cache, layer_id):
+    def forward(self, x, cos, sin, input_pos, cache, refresh=None, scores=None):
+        """cache: this layer's cache. refresh: this layer's draft cache, which also gets the new K/V
+        (self-speculation's verify step copies the target's K/V of the verified positions into the
+        draft). scores: a list that gets this layer's attention_probs (SnapKV's observation pass)."""
         B, T, _ = x.shape
         hd = self.head_dim
         q, k, v = self.wqkv(x).split([self.n_head * hd, self.n_kv_head * hd, self.n_kv_head * hd], dim=-1)
         q = apply_rope(q.view(B, T, self.n_head, hd), cos, sin).transpose(1, 2)
         k = apply_rope(k.view(B, T, self.n_kv_head, hd), cos, sin).transpose(1, 2)
         v = v.view(B, T, self.n_kv_head, hd).transpose(1, 2)
-        k, v, mask = cache.update(layer_id, input_pos, k, v)
-        if self.capture_scores:
-            self.scores = attention_probs(q, k, mask)
-        y = attend(q, k, v, mask)
+        if refresh is not None:
+            refresh.write(input_pos, k, v)
+        k_all, v_all, mask = cache.update(input_pos, k, v)
+        if scores is not None:
+            scores.append(attention_probs(q, k_all, cache.bool_mask(input_pos)))
+        y = attend(q, k_all, v_all, mask)
         return self.wo(y.transpose(1, 2).reshape(B, T, self.n_head * hd))
 
 
@@ -232,9 +230,16 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, cos, sin, input_pos, cache, layer_id):
-        h = x + self.attention(self.attention_norm(x), cos, sin, input_pos, cache, layer_id)
+    def forward(self, x, cos, sin, input_pos, cache, refresh=None, scores=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, input_pos, cache, refresh, scores)
         return h + self.feed_forward(self.ffn_norm(h))
+
+
+def run_block(layer, x, cos, sin, input_pos, cache, refresh):
+    """One layer: the unit that torch.compile compiles once and every layer of a step reuses (regional
+    compilation). Layer and cache are arguments, so their weights and buffers are graph inputs and no
+    layer index is baked into the graph."""
+    return layer(x, cos, sin, input_pos, cache, refresh)
 
 
 class Transformer(nn.Module):
@@ -249,23 +254,144 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
 
-    def forward(self, tokens, input_pos, cache, logits_idx=None):
+    def forward(self, tokens, input_pos, cache, logits_idx=None, refresh=None, block=run_block, scores=None):
         """tokens, input_pos [B, T] (each row has its own positions); cache: kv_cache.KVCache or a draft
-        cache. logits_idx [B, K]: compute logits only at these positions of each row -> [B, K, V];
-        None -> logits for all T positions."""
+        cache; refresh: a draft cache that also gets the new K/V. logits_idx [B, K]: compute logits only
+        at these positions of each row -> [B, K, V]; None -> logits for all T positions. block: how
+        each layer runs (run_block, or a compiled run_block)."""
         angles = input_pos[..., None].float() * self.inv_freq  # [B, T, D/2]
         cos, sin = angles.cos()[:, :, None], angles.sin()[:, :, None]
         x = self.tok_embeddings(tokens)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, input_pos, cache, i)
+        refresh_layers = refresh.layers if refresh is not None else [None] * len(self.layers)
+        for layer, layer_cache, layer_refresh in zip(self.layers, cache.layers, refresh_layers):
+            if scores is None:
+                x = block(layer, x, cos, sin, input_pos, layer_cache, layer_refresh)
+            else:
+                x = layer(x, cos, sin, input_pos, layer_cache, layer_refresh, scores)
         if logits_idx is not None:
             x = x.gather(1, logits_idx[..., None].expand(-1, -1, x.shape[-1]))
         return self.output(self.norm(x)).float()
 
 
+# ---------------------------------------------------------------- checkpoint files
+
+MANIFEST = "manifest.json"  # written last by scripts/convert_gguf.py: each file's size and sha256
+
+
+def sha256_of(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sync_dir(path: str) -> None:
+    # the rename itself is only durable once the directory entry is on disk
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: str, write) -> None:
+    """write(f) into a temporary file beside path, fsync it, then rename it over path: a reader sees
+    the old file or the whole new one, never a part."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a failed or interrupted write leaves no half file behind (a kill -9 still can)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    sync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def read_manifest(checkpoint_dir: str):
+    path = os.path.join(checkpoint_dir, MANIFEST)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+        if not isinstance(manifest.get("files"), dict):
+            raise ValueError
+    except ValueError:
+        return {}  # present but unreadable: nothing in the directory counts as verified
+    return manifest
+
+
+def verify_checkpoint(checkpoint_dir: str, hashes: bool = False, fix: str = None) -> None:
+    """Raise ValueError (one line, naming the file and the fix) unless manifest.json matches the files.
+
+    Sizes only by default: a few stat calls, cheap enough for every load, and they catch the usual
+    damage (a copy or download cut short). hashes=True also compares sha256 (about a second per
+    500 MB): for the prepare step, which decides once whether a directory needs redoing. The source
+    GGUF is checked too when it lies in the same directory. fix: the repair hint that ends the message
+    (default: the command manifest.json records; "" for none)."""
+    manifest = read_manifest(checkpoint_dir)
+    if fix is None:
+        fix = (manifest or {}).get("remake") or "convert it again with scripts/convert_gguf.py --force"
+    fix = f"; {fix}" if fix else ""
+    where = os.path.join(checkpoint_dir, MANIFEST)
+    if manifest is None:
+        raise ValueError(f"{where} is missing (a conversion that never finished, or none was made){fix}")
+    if not manifest:
+        raise ValueError(f"{where} is unreadable{fix}")
+    entries = dict(manifest["files"])
+    source = manifest.get("source") or {}
+    if source.get("file") and os.path.dirname(source["file"]) == "" and \
+            os.path.exists(os.path.join(checkpoint_dir, source["file"])):
+        entries[source["file"]] = source
+    for name, want in entries.items():
+        path = os.path.join(checkpoint_dir, name)
+        if not os.path.exists(path):
+            raise ValueError(f"{path} is missing{fix}")
+        size = os.path.getsize(path)
+        if size != want["size"]:
+            raise ValueError(f"{path} has {size} bytes, {MANIFEST} says {want['size']} (truncated or changed){fix}")
+        if hashes and sha256_of(path) != want["sha256"]:
+            raise ValueError(f"{path} does not match its sha256 in {MANIFEST} (corrupt or changed){fix}")
+
+
+CONFIG_INTS = {"hidden_size": True, "num_hidden_layers": True, "num_attention_heads": True, "intermediate_size": True,
+               "vocab_size": True, "num_key_value_heads": False, "head_dim": False, "max_position_embeddings": False}
+
+
 def read_config(checkpoint_dir: str) -> ModelArgs:
-    with open(os.path.join(checkpoint_dir, "config.json")) as f:
-        return ModelArgs.from_hf_config(json.load(f))
+    """config.json -> ModelArgs; anything missing or malformed is one ValueError naming the key."""
+    path = os.path.join(checkpoint_dir, "config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not readable JSON ({e})".splitlines()[0]) from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: expected a JSON object, found {type(cfg).__name__}")
+    for key, required in CONFIG_INTS.items():
+        value = cfg.get(key)
+        if value is None and not required:
+            continue
+        if value is None:
+            raise ValueError(f"{path}: missing key {key!r}")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{path}: {key!r} must be a positive integer, found {value!r}")
+    for key in ("rope_theta", "rms_norm_eps"):
+        value = cfg.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
+            raise ValueError(f"{path}: {key!r} must be a positive number, found {value!r}")
+    try:
+        args = ModelArgs.from_hf_config(cfg)
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise ValueError(f"{path}: {e}") from None
+    if args.n_head * args.head_dim != args.dim and not cfg.get("head_dim"):
+        raise ValueError(f"{path}: hidden_size {args.dim} is not num_attention_heads {args.n_head} x a head size")
+    return args
 
 
 def load_model(checkpoint_dir: str, device="cpu", dtype=torch.float32) -> Transformer:
@@ -285,11 +411,14 @@ def load_model(checkpoint_dir: str, device="cpu", dtype=torch.float32) -> Transf
         raise ValueError(f"{path}: expected a dict of tensors")
     if args.tie_embeddings:
         state.pop("output.weight", None)
-    expected = {k for k in model.state_dict() if not (args.tie_embeddings and k == "output.weight")}
-    missing, unexpected = expected - state.keys(), state.keys() - expected
+    shapes = {k: v.shape for k, v in model.state_dict().items() if not (args.tie_embeddings and k == "output.weight")}
+    missing, unexpected = shapes.keys() - state.keys(), state.keys() - shapes.keys()
     if missing or unexpected:
         raise ValueError(f"{path}: state dict does not match config.json "
                          f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    for k, shape in shapes.items():
+        if state[k].shape != shape:
+            raise ValueError(f"{path}: tensor {k} has shape {list(state[k].shape)}, config.json implies {list(shape)}")
     model.load_state_dict(state, assign=True, strict=False)
     model.inv_freq = rope_inv_freq(args)  # a non-persistent buffer: still on the meta device
     if args.tie_embeddings:

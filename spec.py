@@ -4,15 +4,18 @@
 #
 # Greedy decoding is the special case where every distribution is one-hot on its argmax: a draft
 # token is then accepted iff it equals the target argmax, and the residual distribution is one-hot
-# on the target argmax. So one verification rule serves greedy and sampling, and greedy results are
-# exact argmaxes, not a low-temperature approximation.
+# on the target argmax. accept_greedy computes exactly that case from the argmaxes (tested against
+# accept() on one-hot inputs), so greedy results are exact argmaxes, not a low-temperature
+# approximation, and never pay for [B, gamma+1, V] distributions.
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from model import run_block
 
-@dataclass
+
+@dataclass(frozen=True)  # hashable: each setting is its own captured step
 class Sampling:
     temperature: float = 0.0  # 0: greedy
     top_k: int = 0  # 0: off
@@ -23,7 +26,9 @@ def logits_to_probs(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
     """[..., V] fp32 logits -> the distribution tokens are drawn from (temperature, top-k, top-p)."""
     if s.temperature == 0:
         return F.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype)
-    logits = logits / s.temperature
+    # shifted first, so that any finite temperature is well defined: a tiny one leaves the argmax
+    # (ties split evenly) instead of overflowing to NaN, a huge one approaches uniform
+    logits = (logits - logits.amax(-1, keepdim=True)) / s.temperature
     if s.top_k > 0:
         kth = logits.topk(min(s.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -43,9 +48,18 @@ def sample(weights: torch.Tensor) -> torch.Tensor:
     return (weights / noise).argmax(-1)
 
 
-def draft_step(draft_model, draft_cache, tokens, input_pos, s: Sampling):
-    """tokens, input_pos [B, T] -> next draft token [B] and its distribution q [B, V]."""
-    q = logits_to_probs(draft_model(tokens, input_pos, draft_cache)[:, -1], s)
+def next_token(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
+    """[..., V] logits -> one token per row: the argmax (greedy) or a sample."""
+    return logits.argmax(-1) if s.temperature == 0 else sample(logits_to_probs(logits, s))
+
+
+def draft_step(draft_model, draft_cache, tokens, input_pos, s: Sampling, block=run_block):
+    """tokens, input_pos [B, T] -> next draft token [B] and its distribution q [B, V] (None when
+    greedy: the draft's argmax is all the verification needs)."""
+    logits = draft_model(tokens, input_pos, draft_cache, block=block)[:, -1]
+    if s.temperature == 0:
+        return logits.argmax(-1), None
+    q = logits_to_probs(logits, s)
     return sample(q), q
 
 
@@ -67,41 +81,52 @@ def accept(p, q, drafts):
     return n_accept, sample(residual)
 
 
-def verify_step(target, cache, cur, drafts, q, pos, s: Sampling, draft_cache=None):
+def accept_greedy(target_tokens, drafts):
+    """accept() for one-hot p and q, from argmaxes alone: target_tokens [B, g+1] (the target's argmax
+    after each prefix), drafts [B, g] -> n_accept [B], next token [B]. Greedy never builds the
+    [B, g+1, V] one-hot distributions, which at large batch cost more memory traffic than the draft."""
+    n_accept = (drafts == target_tokens[:, :-1]).int().cumprod(1).sum(1)
+    return n_accept, target_tokens.gather(1, n_accept[:, None])[:, 0]
+
+
+def verify_step(target, cache, cur, drafts, q, pos, s: Sampling, refresh=None, block=run_block):
     """Target forward over [cur, drafts] at positions pos .. pos + g, then acceptance.
-    cur, pos [B]; drafts [B, g]; q [B, g, V] -> n_accept [B], next token [B].
-    draft_cache: refresh it with the target's K/V of these positions, within the same (compiled) step."""
+    cur, pos [B]; drafts [B, g]; q [B, g, V] (None when greedy) -> n_accept [B], next token [B].
+    refresh: a draft cache that also gets the target's K/V of these positions, in the same step."""
     tokens = torch.cat([cur[:, None], drafts], 1)
     input_pos = pos[:, None] + torch.arange(tokens.shape[1], device=pos.device)
-    p = logits_to_probs(target(tokens, input_pos, cache), s)
-    if draft_cache is not None:
-        draft_cache.copy_from(cache, input_pos)
-    return accept(p, q, drafts)
+    logits = target(tokens, input_pos, cache, refresh=refresh, block=block)
+    if s.temperature == 0:
+        return accept_greedy(logits.argmax(-1), drafts)
+    return accept(logits_to_probs(logits, s), q, drafts)
 
 
-def speculate_round(target, cache, draft_model, draft_cache, last2, pos, gamma, s: Sampling, refresh: bool):
-    """One round for every row. last2 [B, 2]: the last two tokens of each row, the second (at
-    position pos [B]) not yet in any cache. Returns emitted [B, gamma+1] (the first n_emit of each
-    row are new tokens) and n_emit = n_accept + 1 [B].
+def speculate_round(engine, last2, pos, gamma, s: Sampling):
+    """One round for every row, with engine's draft and verify steps (generate.Engine). last2 [B, 2]:
+    the last two tokens of each row, the second (at position pos [B]) not yet in any cache. Returns
+    emitted [B, gamma+1] (the first n_emit of each row are new tokens) and n_emit = n_accept + 1 [B].
 
     The draft must hold every position < pos before drafting. If the last round accepted all its
     drafts, the draft never saw the last one: without refresh the first draft step re-feeds the
     previous token too ([B, 2] at pos-1, pos; rewriting an entry the draft already holds is
-    harmless). With refresh (self-speculation) the target's K/V of the verified tokens are copied
-    into the draft cache after verification, which covers that token and replaces the draft's own
-    sparse-attention K/V with the target's."""
+    harmless). With refresh (self-speculation) the verify step writes the target's K/V of the
+    verified positions into the draft cache as well, which covers that token and replaces the
+    draft's own sparse-attention K/V with the target's."""
     B = pos.shape[0]
     # compiled steps guard on strides: contiguous inputs keep to one graph per shape
-    tokens = (last2[:, 1:] if refresh else last2).contiguous()
+    tokens = (last2[:, 1:] if engine.refresh else last2).contiguous()
     input_pos = pos[:, None] - tokens.shape[1] + 1 + torch.arange(tokens.shape[1], device=pos.device)
     # each draft step's outputs are copied out at once: a step replayed as a CUDA graph overwrites them
     drafts = torch.empty(B, gamma, dtype=torch.long, device=pos.device)
-    qs = torch.empty(B, gamma, draft_model.args.vocab_size, dtype=torch.float32, device=pos.device)
+    qs = None
+    if s.temperature != 0:
+        qs = torch.empty(B, gamma, engine.draft_model.args.vocab_size, dtype=torch.float32, device=pos.device)
     for i in range(gamma):
-        d, q = draft_step(draft_model, draft_cache, tokens, input_pos, s)
-        drafts[:, i], qs[:, i] = d, q
+        d, q = engine.draft(tokens, input_pos, s)
+        drafts[:, i] = d
+        if qs is not None:
+            qs[:, i] = q
         tokens, input_pos = drafts[:, i : i + 1].contiguous(), (pos + i + 1)[:, None]
-    n_accept, next_token = verify_step(target, cache, last2[:, 1].contiguous(), drafts, qs, pos, s,
-                                       draft_cache if refresh else None)
+    n_accept, next_token = engine.verify(last2[:, 1].contiguous(), drafts, qs, pos, s)
     emitted = torch.cat([drafts, drafts[:, :1]], 1).scatter(1, n_accept[:, None], next_token[:, None])
     return emitted, n_accept + 1

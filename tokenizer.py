@@ -1,10 +1,13 @@
 # One tokenizer interface over the three vocabularies the supported checkpoints ship:
 #   sentencepiece `tokenizer.model` (Llama 2, Mistral), tiktoken `tokenizer.model` (Llama 3.x),
-#   bpe_tokenizer.json (byte-level BPE taken out of a GGUF by scripts/prepare_smollm2.py).
+#   bpe_tokenizer.json (byte-level BPE taken out of a GGUF by scripts/convert_gguf.py).
 # encode() never adds BOS: whether a prompt starts with one is the caller's decision.
+# A checkpoint may also carry a chat template (chat_template.json, from the GGUF; or the
+# chat_template key of a Hugging Face tokenizer_config.json), rendered by apply_chat_template().
 import base64
 import json
 import os
+from datetime import datetime
 from typing import Iterable, Optional
 
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -22,12 +25,47 @@ class Tokenizer:
     add_bos = True  # whether prompts start with bos_id (SmolLM2's GGUF says no)
     eos_ids: set
     vocab_size: int
+    chat_template: Optional[str] = None  # Jinja source, set by load_tokenizer when the checkpoint has one
+    template_tokens: dict = {}  # bos_token, eos_token... as strings: templates write them into the text
 
     def encode(self, text: str) -> list:
         raise NotImplementedError
 
     def decode(self, ids: Iterable[int]) -> str:
         raise NotImplementedError
+
+    def apply_chat_template(self, messages: list, add_generation_prompt: bool = True) -> str:
+        """Render a conversation ([{"role": "system" | "user" | "assistant", "content": str}, ...]) into
+        the prompt text the model was tuned on; encode() then turns its special-token strings into ids.
+        add_generation_prompt: end with the opening of an assistant turn, for the model to complete."""
+        if not self.chat_template:
+            raise ValueError("this checkpoint has no chat template (no chat_template.json, and no chat_template "
+                             "in tokenizer_config.json); prompt it with plain text instead")
+        # plain copies: the template sees data, never the caller's objects
+        plain = [{str(k): v for k, v in m.items()} for m in messages]
+        return compile_chat_template(self.chat_template).render(  # compiling takes a millisecond: no cache
+            messages=plain, add_generation_prompt=add_generation_prompt, **self.template_tokens)
+
+
+def compile_chat_template(source: str):
+    """Chat templates come with downloaded checkpoints, so they are untrusted code: render them in
+    Jinja's immutable sandbox, with the settings and helpers transformers gives them (templates are
+    written against transformers, and must render the same text here)."""
+    from jinja2.exceptions import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        # Jinja's own tojson escapes HTML characters (<, >, &, '), which would change the prompt
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(source)
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -107,11 +145,39 @@ def is_tiktoken_file(path: str) -> bool:
     return True
 
 
+def read_chat_template(checkpoint_dir: str):
+    """(template, {"bos_token": ..., "eos_token": ...}) from chat_template.json (written by
+    scripts/convert_gguf.py) or from a Hugging Face tokenizer_config.json; (None, {}) if neither has one."""
+    ours = os.path.join(checkpoint_dir, "chat_template.json")
+    hf = os.path.join(checkpoint_dir, "tokenizer_config.json")
+    for path in (ours, hf):
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            spec = json.load(f)
+        template = spec.get("chat_template")
+        if isinstance(template, list):  # several named templates: the default one is for chat
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        if not isinstance(template, str):
+            continue
+        tokens = {}
+        for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
+            value = spec.get(name)
+            value = value.get("content") if isinstance(value, dict) else value  # HF may store an AddedToken dict
+            if isinstance(value, str):
+                tokens[name] = value
+        return template, tokens
+    return None, {}
+
+
 def load_tokenizer(checkpoint_dir: str) -> Tokenizer:
     bpe = os.path.join(checkpoint_dir, "bpe_tokenizer.json")
     model = os.path.join(checkpoint_dir, "tokenizer.model")
     if os.path.exists(bpe):
-        return load_byte_bpe(bpe)
-    if os.path.exists(model):
-        return load_llama3(model) if is_tiktoken_file(model) else SentencePieceTokenizer(model)
-    raise FileNotFoundError(f"{checkpoint_dir}: no tokenizer (expected bpe_tokenizer.json or tokenizer.model)")
+        tok = load_byte_bpe(bpe)
+    elif os.path.exists(model):
+        tok = load_llama3(model) if is_tiktoken_file(model) else SentencePieceTokenizer(model)
+    else:
+        raise FileNotFoundError(f"{checkpoint_dir}: no tokenizer (expected bpe_tokenizer.json or tokenizer.model)")
+    tok.chat_template, tok.template_tokens = read_chat_template(checkpoint_dir)
+    return tok

@@ -28,8 +28,8 @@ def rank_device(device: torch.device) -> torch.device:
     return device
 
 
-def fail(message: str):
-    """Exit non-zero on every rank with the message printed once, by rank 0. A rank that exited
+def fail(message: str, code: int = 1):
+    """Exit with code on every rank with the message printed once, by rank 0. A rank that exited
     first would get rank 0 killed by torchrun before it printed, so the others wait: at a barrier
     when a process group exists, else until torchrun stops them once rank 0 has exited."""
     rank = rank_and_world()[0]
@@ -39,7 +39,7 @@ def fail(message: str):
         finish()
     elif rank > 0:
         time.sleep(60)
-    sys.exit(1)
+    sys.exit(code)
 
 
 def check_divisible(args: ModelArgs, world: int, what: str = "model"):
@@ -47,8 +47,8 @@ def check_divisible(args: ModelArgs, world: int, what: str = "model"):
     bad = [f"{name}={n}" for name, n in (("n_head", args.n_head), ("n_kv_head", args.n_kv_head),
                                          ("intermediate_size", args.intermediate_size)) if n % world]
     if bad:
-        fail(f"error: tensor-parallel world size {world} does not divide the {what}'s {', '.join(bad)} "
-             f"(it must divide n_head, n_kv_head and intermediate_size)")
+        raise ValueError(f"tensor-parallel world size {world} does not divide the {what}'s {', '.join(bad)} "
+                         f"(it must divide n_head, n_kv_head and intermediate_size)")
 
 
 def maybe_init_distributed(device: torch.device):

@@ -1,71 +1,86 @@
-# Attention backends against the SDPA reference (fp32): compiled FlexAttention on CPU for the target
-# cache (ragged rows, decode and verify blocks, reading only each row's valid KV blocks) and for the
-# StreamingLLM / SnapKV draft caches; on CUDA, flex and flash-attn where available.
+# Attention backends against the SDPA reference (fp32): compiled FlexAttention (the query heads of
+# each KV group folded into the query axis) for the target cache (ragged rows, decode and verify
+# blocks, reading only each row's valid KV blocks) and for the StreamingLLM / SnapKV draft caches,
+# for GQA ratios 1, 3, 4 and 7; on CUDA also in bf16, and flash-attn where it is installed.
 import pytest
 import torch
 
 from kv_cache import FLEX_BLOCK, DraftCache, KVCache
 from model import attend, flash_attn_with_kvcache
 
-B, HQ, HKV, D = 3, 4, 2, 16
+B, HKV, D = 3, 2, 16
 
 
 def attend_cache(cache, q, k, v, pos):
-    """Each layer of the cache in turn, first to last as in a forward -> [n_layer, B, Hq, T, D]."""
-    return torch.stack([attend(q, *cache.update(i, pos, k, v)) for i in range(cache.k.shape[0])])
+    """Each layer of the cache in turn, as in a forward -> [n_layer, B, Hq, T, D]."""
+    return torch.stack([attend(q, *layer.update(pos, k, v)) for layer in cache.layers])
 
 
-# flex must run compiled (eager flex materialises the scores); one compiled function for every case
+# flex runs only compiled (eager flex materialises the scores); outside compile the caches answer
+# with SDPA's mask, which makes attend_cache itself the reference. A flex cache read through SDPA
+# would meet its NaN blocks: no case can pass by falling back.
 compiled_attend_cache = torch.compile(attend_cache, fullgraph=True, dynamic=False)
 
 
-def target_pair(S, starts, T, device="cpu", dtype=torch.float32):
+@pytest.fixture(scope="module", autouse=True)
+def many_graphs():
+    with torch._dynamo.config.patch(recompile_limit=64):  # one graph per case
+        yield
+
+
+def target_pair(S, starts, T, g, device="cpu", dtype=torch.float32):
     """SDPA and flex full caches (2 layers) with the same random history; in the flex cache every KV
     block past a row's last query position holds NaN, which reaches the output if flex reads it."""
     ref = KVCache(2, B, HKV, S, D, dtype, device)
-    flex = KVCache(2, B, HKV, S, D, dtype, device, attn="flex")
-    ref.k.normal_(), ref.v.normal_()
-    flex.k.copy_(ref.k), flex.v.copy_(ref.v)
+    flex = KVCache(2, B, HKV, S, D, dtype, device, attn="flex", q_per_kv=g)
     pos = torch.tensor(starts, device=device)[:, None] + torch.arange(T, device=device)
     unread = torch.arange(S, device=device) >= (pos[:, -1:] // FLEX_BLOCK + 1) * FLEX_BLOCK  # [B, S]
-    flex.k.transpose(2, 3)[:, unread] = float("nan")  # [L, B, S, Hkv, D] view, indexed by [B, S]
-    flex.v.transpose(2, 3)[:, unread] = float("nan")
+    for r, f in zip(ref.layers, flex.layers):
+        r.k.normal_(), r.v.normal_()
+        f.k.copy_(r.k), f.v.copy_(r.v)
+        f.k.transpose(1, 2)[unread] = float("nan")  # [B, S, Hkv, D] view, indexed by [B, S]
+        f.v.transpose(1, 2)[unread] = float("nan")
     return ref, flex, pos
 
 
-@pytest.mark.parametrize("T", [1, 4])
-def test_flex_matches_sdpa_on_ragged_target_rows(T):
+def qkv(g, T, device="cpu", dtype=torch.float32):
+    return (torch.randn(B, h, T, D, device=device, dtype=dtype) for h in (HKV * g, HKV, HKV))
+
+
+@pytest.mark.parametrize("g", [1, 3, 4, 7])
+@pytest.mark.parametrize("T", [1, 5])
+def test_flex_matches_sdpa_on_ragged_target_rows(T, g):
     torch.manual_seed(0)
     # row 0 reads one of three blocks, row 1 straddles the first block boundary, row 2 reads all
-    ref, flex, pos = target_pair(300, [0, 126, 300 - T], T)
-    q, k, v = torch.randn(B, HQ, T, D), torch.randn(B, HKV, T, D), torch.randn(B, HKV, T, D)
+    ref, flex, pos = target_pair(300, [0, 126, 300 - T], T, g)
+    q, k, v = qkv(g, T)
     want = attend_cache(ref, q, k, v, pos)
     got = compiled_attend_cache(flex, q, k, v, pos)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-def draft_pair(kind, T, device="cpu"):
+def draft_pair(kind, T, g, device="cpu"):
     """SDPA and flex draft caches (2 layers) with the same random entries: positions drawn per layer,
     row, head and slot, some empty (-1) and some beyond the queries, so every visibility rule and the
     per-head SnapKV layout are exercised."""
     args = (kind, 2, B, HKV, D, 24, 3, torch.float32, device)
     ref = DraftCache(*args, sinks=4, recent=12)
-    flex = DraftCache(*args, sinks=4, recent=12, attn="flex", q_per_kv=HQ // HKV)
-    start = torch.tensor([3, 30, 47], device=device)
-    pos = start[:, None] + torch.arange(T, device=device)
-    ref.k.normal_(), ref.v.normal_()
-    hi = int(pos.max()) + 3
-    ref.slot_pos.copy_(torch.randint(-1, hi, ref.slot_pos.shape, device=device))
-    for name in ("k", "v", "slot_pos"):
-        getattr(flex, name).copy_(getattr(ref, name))
+    flex = DraftCache(*args, sinks=4, recent=12, attn="flex", q_per_kv=g)
+    pos = torch.tensor([3, 30, 47], device=device)[:, None] + torch.arange(T, device=device)
+    for r, f in zip(ref.layers, flex.layers):
+        r.k.normal_(), r.v.normal_()
+        r.slot_pos.copy_(torch.randint(-1, int(pos.max()) + 3, r.slot_pos.shape, device=device))
+        for name in ("k", "v", "slot_pos"):
+            getattr(f, name).copy_(getattr(r, name))
     return ref, flex, pos
 
 
+@pytest.mark.parametrize("g", [1, 3, 4, 7])
 @pytest.mark.parametrize("kind,T", [("streaming", 2), ("snapkv", 1)])
-def test_flex_matches_sdpa_on_draft_cache(kind, T):
+def test_flex_matches_sdpa_on_draft_cache(kind, T, g):
     torch.manual_seed(1)
-    ref, flex, pos = draft_pair(kind, T)
-    q, k, v = torch.randn(B, HQ, T, D), torch.randn(B, HKV, T, D), torch.randn(B, HKV, T, D)
+    ref, flex, pos = draft_pair(kind, T, g)
+    q, k, v = qkv(g, T)
     want = attend_cache(ref, q, k, v, pos)
     got = compiled_attend_cache(flex, q, k, v, pos)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
@@ -73,22 +88,24 @@ def test_flex_matches_sdpa_on_draft_cache(kind, T):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("backend", ["flex", "flash"])
-def test_cuda_backends_match_sdpa(backend):
+@pytest.mark.parametrize("g", [1, 3, 4, 7])
+def test_cuda_backends_match_sdpa(backend, g):
     if backend == "flash" and flash_attn_with_kvcache is None:
         pytest.skip("flash-attn is not installed")
     torch.manual_seed(2)
-    dtype, T = torch.bfloat16, 4
-    ref, flex, pos = target_pair(1000, [5, 300, 996 - T], T, "cuda", dtype)
+    dtype, T = torch.bfloat16, 5
+    ref, flex, pos = target_pair(1000, [5, 300, 996 - T], T, g, "cuda", dtype)
     cache = flex
     if backend == "flash":  # the same history without NaN blocks (and the flash cache's extra slots)
         cache = KVCache(2, B, HKV, 1000, D, dtype, "cuda", attn="flash")
-        cache.k[..., :1000, :].copy_(ref.k), cache.v[..., :1000, :].copy_(ref.v)
-    q, k, v = (torch.randn(B, h, T, D, device="cuda", dtype=dtype) for h in (HQ, HKV, HKV))
+        for r, c in zip(ref.layers, cache.layers):
+            c.k[..., :1000, :].copy_(r.k), c.v[..., :1000, :].copy_(r.v)
+    q, k, v = qkv(g, T, "cuda", dtype)
     want = attend_cache(ref, q, k, v, pos)
     got = compiled_attend_cache(cache, q, k, v, pos)
     torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
     if backend == "flex":
-        ref, flex, pos = draft_pair("snapkv", 1, "cuda")
-        q, k, v = (torch.randn(B, h, 1, D, device="cuda") for h in (HQ, HKV, HKV))
+        ref, flex, pos = draft_pair("snapkv", 1, g, "cuda")
+        q, k, v = qkv(g, 1, "cuda")
         torch.testing.assert_close(compiled_attend_cache(flex, q, k, v, pos), attend_cache(ref, q, k, v, pos),
                                    atol=1e-4, rtol=1e-4)

@@ -107,15 +107,6 @@ def test_fit_overhead_recovers_a_constant():
     assert costmodel.fit_overhead(hw, samples).layer_overhead == pytest.approx(3e-5)
 
 
-def tiny(seed, vocab):
-    torch.manual_seed(seed)
-    m = place(Transformer(ModelArgs(dim=64, n_layer=2, n_head=4, n_kv_head=2, intermediate_size=128,
-                                    vocab_size=vocab, rope_base=100.0)), "cpu", torch.float32)
-    for p in m.parameters():  # wide weights: peaked logits, so greedy tokens are far from ties
-        p.data.normal_(0, 0.35)
-    return m
-
-
 class CyclingPlanner:
     """Stands in for the cost model: a new gamma at every re-choice, the hardest case for the loop."""
     gammas = (1, 2, 3, 4, 5)
@@ -137,14 +128,12 @@ class CyclingPlanner:
 
 
 @pytest.mark.parametrize("kind", ["streaming", "snapkv"])
-def test_changing_gamma_mid_generation_keeps_greedy_tokens(kind):
-    model = tiny(0, 64)
-    g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(3, 64, (n,), generator=g).tolist() for n in (9, 50, 31)]
-    ar = generate.generate(model, prompts, 40, {0}, Sampling(), 100).tokens
+def test_changing_gamma_mid_generation_keeps_greedy_tokens(tiny, tiny_prompts, kind):
+    model = tiny[0]
+    ar = generate.generate(generate.Engine(model, 3, 112), tiny_prompts, 40, {0}, Sampling()).tokens
     planner = CyclingPlanner()
     sa = SpecArgs("self", 2, kind, 24, sinks=4, snapkv_window=8, gamma_max=5, adapt_every=1, planner=planner)
-    r = generate.generate(model, prompts, 40, {0}, Sampling(), 100, sa=sa)
+    r = generate.generate(generate.Engine(model, 3, 112, sa), tiny_prompts, 40, {0}, Sampling())
     assert r.tokens == ar
     assert len(set(r.gammas)) == 5 and planner.calls and r.acceptance < 1.0
     assert len(planner.measured) == 5 and planner.measured[2] == 2  # calibrated on a verify of the first gamma
@@ -154,7 +143,11 @@ def test_changing_gamma_mid_generation_keeps_greedy_tokens(kind):
 def tiny_checkpoint(tmp_path_factory, smollm2_dir):
     """A random 2-layer model with SmolLM2's vocabulary and tokenizer, in the checkpoint layout main() loads."""
     d = tmp_path_factory.mktemp("tiny")
-    model = tiny(3, 49152)
+    torch.manual_seed(3)
+    model = place(Transformer(ModelArgs(dim=64, n_layer=2, n_head=4, n_kv_head=2, intermediate_size=128,
+                                        vocab_size=49152, rope_base=100.0)), "cpu", torch.float32)
+    for p in model.parameters():  # wide weights: peaked logits, so greedy tokens are far from ties
+        p.data.normal_(0, 0.35)
     torch.save(model.state_dict(), d / "model.pth")
     cfg = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                intermediate_size=128, vocab_size=49152, rope_theta=100.0, max_position_embeddings=2048)
@@ -179,5 +172,5 @@ def test_auto_flags_parse(tiny_checkpoint):
     args = generate.parse_args(["--checkpoint_path", tiny_checkpoint, "--prompt", "x", "--speculate", "self",
                                 "--gamma", "auto", "--draft_budget", "auto"])
     assert args.gamma == args.draft_budget == "auto"
-    with pytest.raises(SystemExit):
+    with pytest.raises(generate.UsageError, match="expected an integer or 'auto'"):
         generate.parse_args(["--checkpoint_path", tiny_checkpoint, "--prompt", "x", "--gamma", "often"])

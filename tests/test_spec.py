@@ -8,49 +8,25 @@ import torch
 import torch.nn.functional as F
 
 import spec
-from generate import SpecArgs, generate, prefill
+from generate import Engine, SpecArgs, generate, pad_prompts
 from kv_cache import DraftCache, KVCache, snapkv_select
-from model import ModelArgs, Transformer, apply_rope, place
-from spec import Sampling, accept, logits_to_probs
-
-VOCAB = 64
-
-
-def tiny(seed, n_layer=3, dim=64):
-    torch.manual_seed(seed)
-    m = place(Transformer(ModelArgs(dim=dim, n_layer=n_layer, n_head=4, n_kv_head=2, intermediate_size=128,
-                                    vocab_size=VOCAB, rope_base=100.0)), "cpu", torch.float32)
-    for p in m.parameters():  # wide weights: peaked, position-dependent logits rather than flat noise
-        p.data.normal_(0, 0.35)
-    return m
-
-
-@pytest.fixture(scope="module")
-def target():
-    return tiny(0)
-
-
-@pytest.fixture(scope="module")
-def draft():
-    return tiny(1, n_layer=1, dim=32)
-
-
-@pytest.fixture(scope="module")
-def prompts():
-    g = torch.Generator().manual_seed(2)
-    return [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (7, 61, 26)]
-
+from model import apply_rope
+from spec import Sampling, accept, accept_greedy, logits_to_probs
 
 MAX_NEW, MAX_SEQ = 40, 112
 
 
+def run(target, prompts, sa=None, draft=None, eos=frozenset({0}), s=Sampling()):
+    return generate(Engine(target, len(prompts), MAX_SEQ, sa, draft), prompts, MAX_NEW, eos, s)
+
+
 @pytest.fixture(scope="module")
-def ar(target, prompts):
-    return generate(target, prompts, MAX_NEW, {0}, Sampling(), MAX_SEQ).tokens
+def ar(tiny, tiny_prompts):
+    return run(tiny[0], tiny_prompts).tokens
 
 
-def test_ragged_rows_equal_rows_alone(target, prompts, ar):
-    assert ar == [generate(target, [p], MAX_NEW, {0}, Sampling(), MAX_SEQ).tokens[0] for p in prompts]
+def test_ragged_rows_equal_rows_alone(tiny, tiny_prompts, ar):
+    assert ar == [run(tiny[0], [p]).tokens[0] for p in tiny_prompts]
 
 
 CASES = [(mode, kind, gamma, budget, refresh)
@@ -60,9 +36,10 @@ CASES = [(mode, kind, gamma, budget, refresh)
 
 
 @pytest.mark.parametrize("mode,kind,gamma,budget,refresh", CASES)
-def test_greedy_speculation_equals_autoregressive(target, draft, prompts, ar, mode, kind, gamma, budget, refresh):
+def test_greedy_speculation_equals_autoregressive(tiny, tiny_prompts, ar, mode, kind, gamma, budget, refresh):
+    target, draft = tiny
     sa = SpecArgs(mode, gamma, kind, budget, sinks=4, snapkv_window=8, refresh=refresh)
-    r = generate(target, prompts, MAX_NEW, {0}, Sampling(), MAX_SEQ, sa=sa, draft_model=draft if mode == "draft" else None)
+    r = run(target, tiny_prompts, sa, draft if mode == "draft" else None)
     assert r.tokens == ar
     # the budgets below the prompt lengths must exercise rejection, or this test proves little
     if budget < 61 or mode == "draft":
@@ -70,46 +47,43 @@ def test_greedy_speculation_equals_autoregressive(target, draft, prompts, ar, mo
 
 
 @pytest.mark.parametrize("kind", ["streaming", "snapkv"])
-def test_caches_reused_across_calls_give_fresh_results(target, draft, prompts, kind):
-    """generate() keeps its caches for the next call of the same shapes (CUDA graphs stay valid);
-    whatever the last call left in them must not change the next one's tokens."""
-    import generate as G
+def test_engine_reused_across_calls_gives_fresh_results(tiny, tiny_prompts, kind):
+    """An engine keeps its caches for the next generate() (CUDA graphs stay valid); whatever the last
+    call left in them must not change the next one's tokens."""
+    target, draft = tiny
     sa = SpecArgs("draft", 3, kind, 24, sinks=4, snapkv_window=8, refresh=False)
-    others = [p[::-1] for p in prompts[1:]] + [prompts[0] * 3]
-
-    def run(ps):
-        return generate(target, ps, MAX_NEW, {0}, Sampling(), MAX_SEQ, sa=sa, draft_model=draft).tokens
-
-    G._caches.clear()
-    fresh = run(others)
-    run(prompts)
-    held = {role: cache for role, (_, cache) in G._caches.items()}
-    assert run(others) == fresh
-    assert set(held) == {"target", "draft"}  # the draft's full cache is freed once compressed
-    assert all(G._caches[role][1] is cache for role, cache in held.items())
+    others = [p[::-1] for p in tiny_prompts[1:]] + [tiny_prompts[0] * 3]
+    engine = Engine(target, 3, MAX_SEQ, sa, draft)
+    fresh = generate(engine, others, MAX_NEW, {0}, Sampling()).tokens
+    generate(engine, tiny_prompts, MAX_NEW, {0}, Sampling())
+    held = (engine.cache, engine.draft_cache)
+    assert generate(engine, others, MAX_NEW, {0}, Sampling()).tokens == fresh
+    assert (engine.cache, engine.draft_cache) == held
 
 
 @pytest.mark.parametrize("mode", ["draft"])
-def test_standalone_draft_with_full_cache(target, draft, prompts, ar, mode):
-    r = generate(target, prompts, MAX_NEW, {0}, Sampling(), MAX_SEQ, sa=SpecArgs(mode, 3, "full"), draft_model=draft)
+def test_standalone_draft_with_full_cache(tiny, tiny_prompts, ar, mode):
+    r = run(tiny[0], tiny_prompts, SpecArgs(mode, 3, "full", refresh=False), tiny[1])
     assert r.tokens == ar and r.acceptance < 1.0
 
 
 @pytest.mark.parametrize("kind", ["streaming", "snapkv"])
-def test_budget_covering_the_sequence_accepts_every_draft(target, prompts, ar, kind):
+def test_budget_covering_the_sequence_accepts_every_draft(tiny, tiny_prompts, ar, kind):
     sa = SpecArgs("self", 4, kind, MAX_SEQ + 8, sinks=4, snapkv_window=8, snapkv_recent=MAX_SEQ)
-    r = generate(target, prompts, MAX_NEW, {0}, Sampling(), MAX_SEQ, sa=sa)
+    r = run(tiny[0], tiny_prompts, sa)
     assert r.tokens == ar and r.acceptance == 1.0 and r.tokens_per_round > 4.5
 
 
-def test_rows_stopping_early_at_eos(target, draft, prompts, ar):
+def test_rows_stopping_early_at_eos(tiny, tiny_prompts, ar):
+    target, draft = tiny
     # an EOS that only row 2 produces (after a few tokens): row 2 stops early, rows 0 and 1 run on
     stop_at = next(i for i in range(3, MAX_NEW) if ar[2][i] not in ar[0] + ar[1] + ar[2][:i])
     eos = {ar[2][stop_at]}
-    ref = generate(target, prompts, MAX_NEW, eos, Sampling(), MAX_SEQ).tokens
+    ref = run(target, tiny_prompts, eos=eos).tokens
     assert ref == [ar[0], ar[1], ar[2][: stop_at + 1]]
-    for sa, d in [(SpecArgs("self", 3, "streaming", 24, sinks=4), None), (SpecArgs("draft", 5, "snapkv", 48, 4, 8), draft)]:
-        assert generate(target, prompts, MAX_NEW, eos, Sampling(), MAX_SEQ, sa=sa, draft_model=d).tokens == ref
+    for sa, d in [(SpecArgs("self", 3, "streaming", 24, sinks=4), None),
+                  (SpecArgs("draft", 5, "snapkv", 48, 4, 8, refresh=False), draft)]:
+        assert run(target, tiny_prompts, sa, d, eos=eos).tokens == ref
 
 
 # ---- rejection sampling: the emitted tokens follow the target distribution exactly ----
@@ -174,44 +148,57 @@ def test_greedy_is_exact_argmax():
     logits = torch.randn(4, 7, 50)
     probs = logits_to_probs(logits, Sampling())
     assert torch.equal(spec.sample(probs), logits.argmax(-1))
+    assert torch.equal(spec.next_token(logits, Sampling()), logits.argmax(-1))
+
+
+def test_greedy_acceptance_is_the_one_hot_case_of_rejection_sampling():
+    """accept_greedy (argmaxes only) == accept() on one-hot p and q, on drafts that match the
+    target's argmax for a random number of leading positions."""
+    torch.manual_seed(5)
+    B, g, V = 64, 4, 9
+    target_tokens = torch.randint(0, V, (B, g + 1))
+    drafts = torch.where(torch.rand(B, g) < 0.7, target_tokens[:, :g], torch.randint(0, V, (B, g)))
+    p, q = F.one_hot(target_tokens, V).float(), F.one_hot(drafts, V).float()
+    want = accept(p, q, drafts)
+    got = accept_greedy(target_tokens, drafts)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert len(set(got[0].tolist())) == g + 1  # every count of accepted drafts occurs
 
 
 # ---- draft cache invariants ----
 
 def _run_rounds(target, prompts, sa, n_rounds):
     """Prefill, fill the draft cache, run n_rounds greedy rounds; -> (target cache, draft cache, pos)."""
-    from generate import pad_prompts, setup_draft
-
+    engine = Engine(target, len(prompts), MAX_SEQ, sa, prefill_chunk=16)
     tokens, lens = pad_prompts(prompts, "cpu")
-    cache = KVCache(3, len(prompts), 2, MAX_SEQ, 16, torch.float32, "cpu")
-    first = prefill(target, cache, tokens, lens, 16).argmax(-1)
-    _, dc = setup_draft(sa, target, cache, None, tokens, lens, 16, MAX_SEQ)
+    first = engine.prefill(tokens, lens).argmax(-1)
+    engine.setup_draft(tokens, lens)
     last2 = torch.stack([tokens.gather(1, (lens - 1)[:, None])[:, 0], first], 1)
     pos = lens.clone()
     for _ in range(n_rounds):
-        emitted, n_emit = spec.speculate_round(target, cache, target, dc, last2, pos, sa.gamma, Sampling(), sa.refresh)
+        emitted, n_emit = spec.speculate_round(engine, last2, pos, sa.gamma, Sampling())
         last2 = torch.cat([last2, emitted], 1).gather(1, n_emit[:, None] + torch.arange(2))
         pos = pos + n_emit
-    return cache, dc, pos
+    return engine.cache, engine.draft_cache, pos
 
 
 @pytest.mark.parametrize("n_rounds", [0, 5])
-def test_streaming_cache_holds_sinks_plus_last_window(target, prompts, n_rounds):
+def test_streaming_cache_holds_sinks_plus_last_window(tiny, tiny_prompts, n_rounds):
     sa = SpecArgs("self", 3, "streaming", 24, sinks=4)
-    cache, dc, pos = _run_rounds(target, prompts, sa, n_rounds)
-    # what a query at each row's next position p sees, before it writes its own entry at p
-    seen = dc.visible(dc.slot_pos[0], pos[:, None])[:, :, 0] & (dc.slot_pos[0] < pos[:, None, None])  # [B, H, N]
-    for b in range(len(prompts)):
-        p = int(pos[b])
-        want = set(range(min(4, p))) | set(range(max(4, p - 20 + 1), p))
-        for layer in range(3):
+    cache, dc, pos = _run_rounds(tiny[0], tiny_prompts, sa, n_rounds)
+    for layer, (d, full) in enumerate(zip(dc.layers, cache.layers)):
+        # what a query at each row's next position p sees, before it writes its own entry at p
+        seen = d.bool_mask(pos[:, None])[:, :, 0] & (d.slot_pos < pos[:, None, None])  # [B, H, N]
+        for b in range(len(tiny_prompts)):
+            p = int(pos[b])
+            want = set(range(min(4, p))) | set(range(max(4, p - 20 + 1), p))
             for h in range(2):
-                got = dc.slot_pos[layer, b, h][seen[b, h]].tolist()
-                assert sorted(got) == sorted(want)  # exactly once each
                 idx = seen[b, h]
+                got = d.slot_pos[b, h][idx]
+                assert sorted(got.tolist()) == sorted(want), (layer, b, h)  # exactly once each
                 # with refresh every visible entry is the target's K/V for that position
-                torch.testing.assert_close(dc.k[layer, b, h][idx], cache.k[layer, b, h, dc.slot_pos[layer, b, h][idx]])
-                torch.testing.assert_close(dc.v[layer, b, h][idx], cache.v[layer, b, h, dc.slot_pos[layer, b, h][idx]])
+                torch.testing.assert_close(d.k[b, h][idx], full.k[b, h, got])
+                torch.testing.assert_close(d.v[b, h][idx], full.v[b, h, got])
 
 
 def _reference_snapkv(target, prompts, n_keep, recent, obs=8):
@@ -248,24 +235,25 @@ def _reference_snapkv(target, prompts, n_keep, recent, obs=8):
     return picks
 
 
-def test_snapkv_keeps_what_a_direct_computation_selects(target, prompts):
+def test_snapkv_keeps_what_a_direct_computation_selects(tiny, tiny_prompts):
+    target, prompts = tiny[0], tiny_prompts
     sa = SpecArgs("self", 3, "snapkv", 40, snapkv_window=8, snapkv_recent=12)
     _, dc, _ = _run_rounds(target, prompts, sa, 0)
     ref = _reference_snapkv(target, prompts, n_keep=28, recent=12)
     for b in range(len(prompts)):
         for layer in range(3):
             for h in range(2):
-                got = sorted(p for p in dc.slot_pos[layer, b, h, :28].tolist() if p >= 0)
+                got = sorted(p for p in dc.layers[layer].slot_pos[b, h, :28].tolist() if p >= 0)
                 assert got == ref[b][layer][h], (b, layer, h)
     # the selection differs across heads somewhere, or this would not test per-head selection
     assert any(ref[1][l][0] != ref[1][l][1] for l in range(3))
 
 
 def test_snapkv_select_pads_when_prefix_is_short():
-    scores = torch.rand(1, 2, 1, 10)
+    scores = torch.rand(2, 1, 10)
     pos = snapkv_select(scores, torch.tensor([6, 10]), n_keep=5, window=3)
-    assert sorted(pos[0, 0, 0].tolist()) == [-1, -1, 0, 1, 2]
-    assert (pos[0, 1, 0] >= 0).all() and (pos[0, 1, 0] < 7).all()
+    assert sorted(pos[0, 0].tolist()) == [-1, -1, 0, 1, 2]
+    assert (pos[1, 0] >= 0).all() and (pos[1, 0] < 7).all()
 
 
 def test_draft_cache_refuses_budget_not_above_sinks():

@@ -67,7 +67,7 @@ def write_checkpoint(d, tokenizer_json, state, cfg):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, smollm2_dir):
+def tiny_ckpts(tmp_path_factory, smollm2_dir):
     """A 2-layer target with 4 KV heads (2 per rank at world size 2) and a qkv bias, and as the
     standalone draft its first layer alone: close enough to the target that the acceptance, which the
     draft test compares, depends on the draft computing right. (SmolLM2 covers tied embeddings.)"""
@@ -96,11 +96,11 @@ SAMPLED = ["--temperature", "0.8", "--top_p", "0.95", "--seed", "3"]
 
 @pytest.mark.parametrize("mode", [[], ["--speculate", "self"], ["--speculate", "self", "--draft_kv", "snapkv"] + SAMPLED,
                                   "draft"], ids=["ar", "self-streaming", "self-snapkv-sampled", "draft"])
-def test_tiny_two_ranks_equal_one(tiny, tmp_path, mode):
+def test_tiny_two_ranks_equal_one(tiny_ckpts, tmp_path, mode):
     """Sampling: every rank draws from the same RNG stream as one process would (main() also checks
     that the ranks' tokens agree), and the logits differ from one process's only by rounding, which
     would have to fall on a near-tie to change a draw."""
-    target, draft = tiny
+    target, draft = tiny_ckpts
     if mode == "draft":
         mode = ["--speculate", "draft", "--draft_checkpoint_path", draft]
     argv = tiny_argv(target) + mode
@@ -109,10 +109,10 @@ def test_tiny_two_ranks_equal_one(tiny, tmp_path, mode):
     assert min(map(len, two["tokens"])) > 1
 
 
-def test_gamma_auto_two_ranks(tiny, tmp_path):
+def test_gamma_auto_two_ranks(tiny_ckpts, tmp_path):
     """--gamma auto times the steps on each rank; all ranks must take rank 0's timings, or they would
     pick different gammas and their collectives would no longer match."""
-    target, _ = tiny
+    target, _ = tiny_ckpts
     ar = run_one(tiny_argv(target), tmp_path)
     two = run_tp(2, tiny_argv(target) + ["--speculate", "self", "--gamma", "auto", "--adapt_every", "2"], tmp_path)
     assert two["tokens"] == ar["tokens"] and len(two["gamma_per_round"]) > 2

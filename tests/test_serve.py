@@ -1,0 +1,149 @@
+# Continuous batching (generate.serve): a stream of requests through a few slots gives every request
+# the tokens it gets alone, a refilled row's draft cache is what a fresh build makes, bad request
+# files are refused line by line before any model loads, and a warm stream compiles nothing new.
+import json
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import generate as G
+from generate import Engine, Request, SpecArgs, generate, pad_prompts, serve
+from spec import Sampling
+
+MAX_SEQ, SLOTS = 112, 4
+SETUPS = {
+    "ar": None,
+    "self-streaming": SpecArgs("self", 3, "streaming", 24, sinks=4),
+    "self-snapkv": SpecArgs("self", 3, "snapkv", 24, snapkv_window=8),
+    "draft-streaming": SpecArgs("draft", 2, "streaming", 24, sinks=4, refresh=False),
+    "draft-full": SpecArgs("draft", 2, "full", refresh=False),
+}
+
+
+def stream(vocab, n=13, seed=3):
+    """n requests of 3-70 prompt tokens wanting 1-40 new tokens each."""
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(3, 70, (n,), generator=g).tolist()
+    news = torch.randint(1, 41, (n,), generator=g).tolist()
+    return [Request(f"q{i}", torch.randint(3, vocab, (t,), generator=g).tolist(), m)
+            for i, (t, m) in enumerate(zip(lens, news))]
+
+
+def run_stream(engine, requests, eos=frozenset({0})):
+    finished = []
+    totals = serve(engine, requests, eos, Sampling(), lambda req, rec: finished.append((req, rec)))
+    return finished, totals
+
+
+@pytest.mark.parametrize("setup", SETUPS)
+def test_every_request_gets_the_tokens_it_gets_alone(tiny, setup):
+    target, draft = tiny
+    sa = SETUPS[setup]
+    draft = draft if sa is not None and sa.mode == "draft" else None
+    requests = stream(target.args.vocab_size)
+    finished, totals = run_stream(Engine(target, SLOTS, MAX_SEQ, sa, draft), requests)
+    assert sorted(r.id for r, _ in finished) == sorted(r.id for r in requests)  # each once
+    alone = Engine(target, 1, MAX_SEQ, sa, draft)
+    for req, rec in finished:
+        want = generate(alone, [req.prompt], req.max_new_tokens, {0}, Sampling()).tokens[0]
+        assert rec["tokens"] == want, req.id
+        assert rec["prompt_tokens"] == len(req.prompt) and 0 <= rec["queue_s"] <= rec["ttft_s"]
+    assert totals["tokens"] == sum(len(rec["tokens"]) for _, rec in finished)
+    # slots were refilled: later requests waited, and completion order is not submission order
+    assert max(rec["queue_s"] for _, rec in finished) > 0
+    assert [r.id for r, _ in finished] != [r.id for r in requests]
+    if sa is not None:
+        assert all(0 <= rec["acceptance"] <= 1 and rec["rounds"] >= 1 for _, rec in finished if len(rec["tokens"]) > 1)
+
+
+@pytest.mark.parametrize("kind", ["streaming", "snapkv"])
+def test_refilled_row_holds_what_a_fresh_build_holds(tiny, kind):
+    target, _ = tiny
+    sa = SpecArgs("self", 3, kind, 24, sinks=4, snapkv_window=8)
+    requests = stream(target.args.vocab_size, n=6, seed=4)
+    engine = Engine(target, SLOTS, MAX_SEQ, sa)
+    run_stream(engine, requests[:5])  # every row has held other prompts and decoded over them
+    row, prompt = 2, requests[5].prompt
+    engine.refill(row, prompt)
+    fresh = Engine(target, 1, MAX_SEQ, sa)
+    tokens, lens = pad_prompts([prompt], "cpu")
+    fresh.prefill(tokens, lens)
+    fresh.setup_draft(tokens, lens)
+    for got, want in zip(engine.draft_cache.layers, fresh.draft_cache.layers):
+        assert torch.equal(got.slot_pos[row], want.slot_pos[0])
+        assert torch.equal(got.k[row], want.k[0]) and torch.equal(got.v[row], want.v[0])
+    n = len(prompt)
+    for got, want in zip(engine.cache.layers, fresh.cache.layers):
+        assert torch.equal(got.k[row, :, :n], want.k[0, :, :n]) and torch.equal(got.v[row, :, :n], want.v[0, :, :n])
+
+
+def test_warm_stream_compiles_nothing_new(tiny):
+    target, _ = tiny
+    sa = SpecArgs("self", 3, "streaming", 24, sinks=4)
+    engine = Engine(target, SLOTS, MAX_SEQ, sa, compile=True, prefill_chunk=32, backend="aot_eager")
+    run_stream(engine, stream(target.args.vocab_size, n=6, seed=5))  # warm-up
+    graphs = counters["stats"]["unique_graphs"]
+    with torch.compiler.set_stance("fail_on_recompile"):
+        finished, _ = run_stream(engine, stream(target.args.vocab_size, n=9, seed=6))
+    assert counters["stats"]["unique_graphs"] == graphs and len(finished) == 9
+
+
+# ---- the CLI: --requests and --results ----
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("model loaded before the input was checked")
+    monkeypatch.setattr(G, "load_model", refuse)
+
+
+@pytest.mark.parametrize("lines,expected", [
+    (['{"prompt": "hi"}', "{not json"], "line 2: not valid JSON"),
+    (['{"prompt": "hi"}', '["a list"]'], "line 2: expected a JSON object"),
+    (['{"id": 3}'], "line 1: 'prompt' must be a string"),
+    (['{"prompt": 7}'], "line 1: 'prompt' must be a string"),
+    (['{"prompt": "hi", "max_new_tokens": 0}'], "line 1: 'max_new_tokens' must be an integer >= 1"),
+    (['{"prompt": "hi", "max_new_tokens": -3}'], "line 1: 'max_new_tokens' must be an integer >= 1"),
+    (['{"prompt": "hi", "max_new_tokens": "9"}'], "line 1: 'max_new_tokens' must be an integer >= 1"),
+    (['{"prompt": "hi", "maxnew": 9}'], "line 1: unknown keys ['maxnew']"),
+    (['{"prompt": "hi"}', '{"prompt": ""}'], "line 2 is empty"),
+    (['{"prompt": "' + "word " * 40 + '", "max_new_tokens": 8}'], "prompt tokens plus max_new_tokens 8 need"),
+    ([""], "no requests"),
+])
+def test_bad_request_files_refused_by_line(tmp_path, smollm2_dir, no_loading, capsys, lines, expected):
+    f = tmp_path / "req.jsonl"
+    f.write_text("\n".join(lines) + "\n")
+    with pytest.raises(SystemExit) as e:
+        G.cli(["--checkpoint_path", smollm2_dir, "--requests", str(f), "--max_seq_len", "40"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err and "Traceback" not in err, err
+    assert expected in err, err
+
+
+def test_unwritable_results_refused_before_work(tmp_path, smollm2_dir, no_loading, capsys):
+    f = tmp_path / "req.jsonl"
+    f.write_text('{"prompt": "hi"}\n')
+    for results, expected in ((tmp_path / "missing" / "out.jsonl", "does not exist"), (tmp_path, "is a directory")):
+        with pytest.raises(SystemExit) as e:
+            G.cli(["--checkpoint_path", smollm2_dir, "--requests", str(f), "--results", str(results)])
+        assert e.value.code == 2 and expected in capsys.readouterr().err
+
+
+def test_cli_stream_writes_results_in_completion_order(tmp_path, smollm2_dir):
+    reqs = [{"prompt": "The capital of France is", "max_new_tokens": 9, "id": "a"},
+            {"prompt": "def fibonacci(n):", "max_new_tokens": 3},
+            {"prompt": "Once upon a time", "max_new_tokens": 6},
+            {"prompt": "List three colors:"}]
+    f = tmp_path / "req.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in reqs) + "\n")
+    out = tmp_path / "res.jsonl"
+    argv = ["--checkpoint_path", smollm2_dir, "--requests", str(f), "--batch_size", "2", "--max_new_tokens", "5",
+            "--results", str(out), "--speculate", "self", "--draft_budget", "24", "--sinks", "4"]
+    assert G.cli(argv) == 0
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(str(r["id"]) for r in recs) == ["2", "3", "4", "a"]
+    assert {str(r["id"]): len(r["tokens"]) for r in recs} == {"a": 9, "2": 3, "3": 6, "4": 5}
+    for r in recs:
+        assert {"text", "prompt_tokens", "queue_s", "ttft_s", "decode_s", "tokens_per_s", "acceptance", "rounds"} <= set(r)
+    assert not (tmp_path / "res.jsonl.partial").exists()
