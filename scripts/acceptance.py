@@ -5,54 +5,28 @@ draft cache kind and budget, with and without refreshing the draft window with t
         --json benchmarks/results/acceptance_smollm2.json
 
 Greedy decoding; every configuration is also checked token for token against autoregressive output.
-Acceptance depends on the model and text, not on the machine, so this runs anywhere."""
+Acceptance depends on the model and text, not on the machine, so this runs anywhere. Every
+configuration prefills its prompts anew."""
 import argparse
-import datetime
-import json
 import os
-import subprocess
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import generate as G  # noqa: E402
-from generate import DEFAULT_CHECKPOINT, SpecArgs, generate  # noqa: E402
-from model import load_model  # noqa: E402
-from spec import Sampling  # noqa: E402
-from tokenizer import load_tokenizer  # noqa: E402
+import benchlib
+from benchlib import NO_EOS
+from generate import DEFAULT_CHECKPOINT, Engine, SpecArgs, generate
+from model import load_model
+from spec import Sampling
+from tokenizer import load_tokenizer
 
 
-def essay_prompts(tokenizer, path, rows, prompt_len):
-    """rows prompts of prompt_len tokens from distinct, non-overlapping stretches of the essays."""
-    ids = tokenizer.encode(json.load(open(path))["text"][: rows * prompt_len * 6])
-    stride = len(ids) // rows
-    assert stride >= prompt_len, "not enough text for that many rows"
-    return [ids[i * stride: i * stride + prompt_len] for i in range(rows)]
-
-
-def prefill_once(prefill):
-    """The target's prefill is the same for every configuration: compute it once, copy it after."""
-    saved = {}
-
-    def cached(model, cache, tokens, prompt_lens, chunk):
-        key = (id(model), tokens.shape, hash(tokens.numpy().tobytes()), cache.k.shape)
-        if key not in saved:
-            saved[key] = (prefill(model, cache, tokens, prompt_lens, chunk), cache.k.clone(), cache.v.clone())
-        logits, k, v = saved[key]
-        cache.k.copy_(k)
-        cache.v.copy_(v)
-        return logits
-
-    return cached
-
-
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint_path", default=DEFAULT_CHECKPOINT)
-    p.add_argument("--essays", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "PaulGrahamEssays.json"))
-    p.add_argument("--rows", type=int, default=4)
+    p.add_argument("--checkpoint_path", default=os.path.join(benchlib.ROOT, DEFAULT_CHECKPOINT))
+    p.add_argument("--essays", default=benchlib.ESSAYS)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--rows", type=int, default=4, help="prompts, each from its own stretch of the essays")
     p.add_argument("--prompt_len", type=int, default=4096)
     p.add_argument("--new_tokens", type=int, default=128)
     p.add_argument("--gamma", type=int, default=4)
@@ -60,17 +34,16 @@ def main():
     p.add_argument("--kinds", nargs="+", default=["streaming", "snapkv"])
     p.add_argument("--refresh", type=int, nargs="+", default=[1, 0], help="1: refresh the draft window, 0: not")
     p.add_argument("--snapkv_recent", type=int, nargs="+", default=[0], help="SnapKV recent windows to try (0: budget/2)")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--json", default=None)
-    a = p.parse_args()
+    a = p.parse_args(argv)
 
-    model = load_model(a.checkpoint_path, "cpu", getattr(torch, a.dtype))
-    prompts = essay_prompts(load_tokenizer(a.checkpoint_path), a.essays, a.rows, a.prompt_len)
+    model = load_model(a.checkpoint_path, a.device, getattr(torch, a.dtype))
+    prompts = benchlib.essay_prompts(load_tokenizer(a.checkpoint_path), a.rows, a.prompt_len, a.essays)
     max_seq = a.prompt_len + a.new_tokens
-    G.prefill = prefill_once(G.prefill)
-    t = time.time()
-    ar = generate(model, prompts, a.new_tokens, set(), Sampling(), max_seq).tokens
-    print(f"autoregressive reference: {time.time() - t:.0f} s", flush=True)
+    t = time.perf_counter()
+    ar = generate(Engine(model, a.rows, max_seq), prompts, a.new_tokens, NO_EOS, Sampling()).tokens
+    print(f"autoregressive reference: {time.perf_counter() - t:.0f} s", flush=True)
     results = []
     print(f"{'draft_kv':10} {'budget':>6} {'recent':>6} {'refresh':>7} {'accept':>7} {'tok/round':>9} {'== AR':>5}")
     for kind in a.kinds:
@@ -78,7 +51,7 @@ def main():
             for recent in (a.snapkv_recent if kind == "snapkv" else [0]):
                 for refresh in a.refresh:
                     sa = SpecArgs("self", a.gamma, kind, budget, snapkv_recent=recent, refresh=bool(refresh))
-                    r = generate(model, prompts, a.new_tokens, set(), Sampling(), max_seq, sa=sa)
+                    r = generate(Engine(model, a.rows, max_seq, sa), prompts, a.new_tokens, NO_EOS, Sampling())
                     row = dict(draft_kv=kind, budget=budget, snapkv_recent=recent or (budget // 2 if kind == "snapkv" else None),
                                refresh=bool(refresh), acceptance=r.acceptance, tokens_per_round=r.tokens_per_round,
                                equals_autoregressive=r.tokens == ar)
@@ -86,13 +59,11 @@ def main():
                     print(f"{kind:10} {budget:6} {row['snapkv_recent'] or '-':>6} {refresh:7} {r.acceptance:7.3f} "
                           f"{r.tokens_per_round:9.2f} {str(row['equals_autoregressive']):>5}", flush=True)
     if a.json:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-        os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
-        with open(a.json, "w") as f:
-            json.dump(dict(model=a.checkpoint_path, rows=a.rows, prompt_len=a.prompt_len, new_tokens=a.new_tokens,
-                           gamma=a.gamma, dtype=a.dtype, sinks=16, snapkv_window=32, text="PaulGrahamEssays",
-                           date=datetime.date.today().isoformat(), commit=commit, torch=torch.__version__,
-                           results=results), f, indent=1)
+        sa = SpecArgs()
+        benchlib.write_json(a.json, dict(env=benchlib.environment(a.device), model=a.checkpoint_path, rows=a.rows,
+                                         prompt_len=a.prompt_len, new_tokens=a.new_tokens, gamma=a.gamma, dtype=a.dtype,
+                                         sinks=sa.sinks, snapkv_window=sa.snapkv_window, text="PaulGrahamEssays",
+                                         results=results))
 
 
 if __name__ == "__main__":

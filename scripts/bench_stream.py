@@ -75,11 +75,12 @@ def run_mode(engines, mode, requests, s):
                 requests_per_s=len(requests) / seconds, cpu_stolen=cpu_stolen_since(stolen), timeline=timeline)
 
 
-def stream_benchmark(model, requests, slots, sa, s, compile, cycles, modes=MODES, attn="sdpa", say=print):
+def stream_benchmark(model, requests, slots, sa, s, compile, cycles, modes=MODES, attn="sdpa", say=print,
+                     backend="inductor"):
     """The four modes over the same requests, cycles times -> records and the ratios of each cycle."""
     max_seq_len = max(len(r.prompt) + r.max_new_tokens for r in requests)
-    engines = {"ar": Engine(model, slots, max_seq_len, None, attn=attn, compile=compile),
-               "sd": Engine(model, slots, max_seq_len, sa, attn=attn, compile=compile)}
+    engines = {"ar": Engine(model, slots, max_seq_len, None, attn=attn, compile=compile, backend=backend),
+               "sd": Engine(model, slots, max_seq_len, sa, attn=attn, compile=compile, backend=backend)}
     warm = [Request(-1, r.prompt[:16], sa.gamma + 3) for r in requests[:slots + 1]]
     t = time.perf_counter()
     for mode in modes:  # compiles (and captures) every step each mode uses, on short prompts

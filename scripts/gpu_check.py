@@ -13,6 +13,8 @@ time limit keeps what it finished; a second run with other phases adds to the sa
   sd      SmolLM2 with its real weights on essay prompts, greedy, 256 new tokens: AR against
           self-speculation (StreamingLLM 256) end to end at B=64 and 256 x 8K, with each shape's
           measured step ratios
+  stream  SmolLM2, 128 essay requests (prompts 1K-4K tokens, 32-512 new) through 64 slots: static
+          waves against continuous batching, AR and SD (scripts/bench_stream.py)
 Every engine compiles (one shared block per step kind) and replays its steps as CUDA graphs. A
 phase is skipped once the time budget would be overrun, and says so in the JSON.
 """
@@ -36,18 +38,21 @@ from tokenizer import load_tokenizer
 GREEDY = Sampling()
 SMOLLM2_DIR = os.path.join(ROOT, "checkpoints", "HuggingFaceTB", "SmolLM2-135M-Instruct")
 MAGICDEC_ALPHA_8B_32K = 0.81  # Llama-3.1-8B self-speculation, budget 512, 32K (MagicDec, arXiv 2408.11049)
-PHASE_KEYS = {"ar": ["ar", "attn_default"], "ratios": ["step_ratios", "predicted_speedup_8b"], "sd": ["sd"]}
+PHASE_KEYS = {"ar": ["ar", "attn_default"], "ratios": ["step_ratios", "predicted_speedup_8b"], "sd": ["sd"],
+              "stream": ["stream"]}
 
 
 def sizes(smoke, big_gpu):
     """Shapes per phase: the full check, or tiny ones for the CPU smoke run."""
     if smoke:
         return dict(ar=[("tiny", 1, 256), ("tiny", 4, 512)], ratios=("tiny", 2, 512), ratio_gammas=(2, 4),
-                    ratio_budget=64, sd=[(2, 128)], sd_new=8, sd_gammas=(2,), sd_budget=32, repeats=3)
+                    ratio_budget=64, sd=[(2, 128)], sd_new=8, sd_gammas=(2,), sd_budget=32, repeats=3,
+                    stream=dict(n=5, slots=2, prompt_lens=(20, 60), new_tokens=(2, 12)))
     return dict(ar=[("smollm2-135m", 1, 512), ("smollm2-135m", 64, 8192), ("smollm2-135m", 256, 8192),
                     ("llama-3.1-8b", 1, 4096), ("llama-3.1-8b", 16 if big_gpu else 8, 32768)],
                 ratios=("llama-3.1-8b", 16 if big_gpu else 8, 32768), ratio_gammas=(2, 4), ratio_budget=512,
-                sd=[(64, 8192), (256, 8192)], sd_new=256, sd_gammas=(3, 5), sd_budget=256, repeats=10)
+                sd=[(64, 8192), (256, 8192)], sd_new=256, sd_gammas=(3, 5), sd_budget=256, repeats=10,
+                stream=dict(n=128, slots=64, prompt_lens=(1024, 4096), new_tokens=(32, 512)))
 
 
 class Run:
@@ -248,16 +253,32 @@ def phase_sd(run, cases, new, gammas, budget, attn):
             run.save()
 
 
+@torch.no_grad()
+def phase_stream(run, cfg, gamma, budget, attn):
+    from bench_stream import make_requests, stream_benchmark
+    if not os.path.exists(os.path.join(SMOLLM2_DIR, "model.pth")) or not run.room_for(150, "stream"):
+        return
+    model = load_model(SMOLLM2_DIR, run.device, run.dtype)
+    requests = make_requests(load_tokenizer(SMOLLM2_DIR), cfg["n"], cfg["prompt_lens"], cfg["new_tokens"], seed=0)
+    sa = SpecArgs("self", gamma, "streaming", budget)
+    runs, ratios, warmup_s = stream_benchmark(model, requests, cfg["slots"], sa, GREEDY, True, 1, attn=attn,
+                                              backend="aot_eager" if run.args.smoke else "inductor")
+    run.rec["compile_s"] += warmup_s
+    run.rec["stream"] = dict(cfg, gamma=gamma, draft_budget=budget, attn=attn, warmup_s=warmup_s, ratios=ratios,
+                             runs=[{k: v for k, v in r.items() if k != "timeline"} for r in runs])
+    run.save()
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--phases", default="ar,ratios,sd", help="comma-separated: ar, ratios, sd")
+    p.add_argument("--phases", default="ar,ratios,sd,stream", help="comma-separated: ar, ratios, sd, stream")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the code, measures nothing")
     p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/gpu-<device>-<date>.json)")
     p.add_argument("--budget_s", type=float, default=450, help="start no phase step that would end past this")
     p.add_argument("--backends", default="sdpa,flex", help="attention backends the AR phase compares")
     args = p.parse_args(argv)
     args.phases = [x for x in args.phases.split(",") if x]
-    unknown = set(args.phases) - {"ar", "ratios", "sd"}
+    unknown = set(args.phases) - set(PHASE_KEYS)
     if unknown:
         p.error(f"unknown phases {sorted(unknown)}")
     device = torch.device("cpu" if args.smoke else "cuda")
@@ -292,6 +313,8 @@ def main(argv=None):
     free(device)
     if "sd" in args.phases:
         phase_sd(run, sz["sd"], sz["sd_new"], sz["sd_gammas"], sz["sd_budget"], attn)
+    if "stream" in args.phases:
+        phase_stream(run, sz["stream"], sz["sd_gammas"][0], sz["sd_budget"], attn)
     run.save()
     print(f"done in {run.elapsed():.0f} s: compile {run.rec['compile_s']:.0f} s, capture {run.rec['capture_s']:.1f} s, "
           f"recompiles {run.rec['recompiles']}", flush=True)

@@ -18,12 +18,12 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import benchmark as bm  # noqa: E402  (also puts the repository root on the path)
-import generate as G  # noqa: E402
-from kv_cache import KVCache  # noqa: E402
-from model import load_model  # noqa: E402
-from tokenizer import load_tokenizer  # noqa: E402
+import benchlib
+from generate import DEFAULT_CHECKPOINT, Engine, SpecArgs, pad_prompts
+from model import load_model
+from tokenizer import load_tokenizer
+
+CHUNK = 512  # prefill chunk of the fp32 recomputation
 
 
 def gap_in_ulps(a: float, b: float, dtype: torch.dtype) -> float:
@@ -36,24 +36,28 @@ def gap_in_ulps(a: float, b: float, dtype: torch.dtype) -> float:
 @torch.no_grad()
 def fp32_logits(model, tokens):
     """Logits after the last of `tokens` (one row), from an fp32 prefill."""
-    a = model.args
-    chunk = 512  # prefill pads the row to whole chunks: the cache holds them
-    cache = KVCache(a.n_layer, 1, model.layers[0].attention.n_kv_head, -(-len(tokens) // chunk) * chunk, a.head_dim,
-                    torch.float32, model.tok_embeddings.weight.device, "sdpa")
-    ids, lens = G.pad_prompts([tokens], model.tok_embeddings.weight.device)
-    return G.prefill(model, cache, ids, lens, chunk)[0].float()
+    engine = Engine(model, 1, -(-len(tokens) // CHUNK) * CHUNK, prefill_chunk=CHUNK)  # the cache holds whole chunks
+    ids, lens = pad_prompts([tokens], engine.device)
+    return engine.prefill(ids, lens)[0].float()
+
+
+def generate_rows(model, prompts, args, sa=None) -> list:
+    """Greedy rows for every prompt, --batch rows per generate() call."""
+    max_seq = args.prefix + args.new_tokens + max(args.gammas) + 1
+    return benchlib.engine_run(Engine(model, args.batch, max_seq, sa, compile=args.compile), prompts,
+                               args.new_tokens).result.tokens
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint_path", default=os.path.join(bm.ROOT, G.DEFAULT_CHECKPOINT))
-    p.add_argument("--essays", default=os.path.join(bm.ROOT, "..", "shared", "data", "PaulGrahamEssays.json"))
+    p.add_argument("--checkpoint_path", default=os.path.join(benchlib.ROOT, DEFAULT_CHECKPOINT))
+    p.add_argument("--essays", default=benchlib.ESSAYS)
     p.add_argument("--device", default="cpu")
     p.add_argument("--rows", type=int, default=8, help="prompts, each from its own stretch of the essays")
     p.add_argument("--batch", type=int, default=1, help="rows per generate() call")
     p.add_argument("--prefix", type=int, default=4096)
     p.add_argument("--new_tokens", type=int, default=128)
-    p.add_argument("--gammas", type=bm.ints, default=[2, 4])
+    p.add_argument("--gammas", type=benchlib.ints, default=[2, 4])
     p.add_argument("--budget", type=int, default=256)
     p.add_argument("--draft_kv", default="streaming", choices=["streaming", "snapkv"])
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
@@ -63,45 +67,41 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.rows % args.batch:
         sys.exit(f"error: --rows {args.rows} is not a multiple of --batch {args.batch}")
-    args.mode = "parting"
-    device, dtype = torch.device(args.device), bm.dtype_of(args.dtype)
-    bm.raise_recompile_limit(64)
-    prompts = bm.Essays(args.essays, load_tokenizer(args.checkpoint_path)).prompts(args.rows, args.prefix)
-    max_seq = args.prefix + args.new_tokens + max(args.gammas) + 1
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    prompts = benchlib.essay_prompts(load_tokenizer(args.checkpoint_path), args.rows, args.prefix, args.essays)
     model = load_model(args.checkpoint_path, device, dtype)
 
-    def rows(sa=None):
-        return bm.run_engine(model, prompts, args.new_tokens, max_seq, 512, "sdpa", sa, batch=args.batch).tokens
-
-    partings = []  # (gamma, row, position, AR token, SD token)
-    with bm.engine_steps(args.compile, device), bm.reuse_prefill():
-        ar = rows()
-        for gamma in args.gammas:
-            sd = rows(G.SpecArgs("self", gamma, args.draft_kv, args.budget, gamma_max=max(args.gammas)))
-            for i, (a, s) in enumerate(zip(ar, sd)):
-                at = bm.common_prefix(a, s)
-                if at < min(len(a), len(s)):
-                    partings.append((gamma, i, at, a[at], s[at]))
-            print(f"gamma {gamma}: {sum(a == s for a, s in zip(ar, sd))} of {len(ar)} rows equal to AR", flush=True)
+    partings = []  # dicts: gamma, row, position, AR token, SD token
+    ar = generate_rows(model, prompts, args)
+    for gamma in args.gammas:
+        sd = generate_rows(model, prompts, args, SpecArgs("self", gamma, args.draft_kv, args.budget,
+                                                          gamma_max=max(args.gammas)))
+        for i, (a, s) in enumerate(zip(ar, sd)):
+            at = benchlib.common_prefix(a, s)
+            if at < min(len(a), len(s)):
+                partings.append(dict(gamma=gamma, row=i, position=at, ar_token=a[at], sd_token=s[at]))
+        print(f"gamma {gamma}: {sum(a == s for a, s in zip(ar, sd))} of {len(ar)} rows equal to AR", flush=True)
     del model
     ref = load_model(args.checkpoint_path, device, torch.float32)
     report, logits_at = [], {}
-    for gamma, i, at, a_tok, s_tok in partings:
+    for r in partings:
+        i, at = r["row"], r["position"]
         if (i, at) not in logits_at:
             logits_at[i, at] = fp32_logits(ref, prompts[i] + ar[i][:at])
         lg = logits_at[i, at]
-        la, ls = lg[a_tok].item(), lg[s_tok].item()
+        la, ls = lg[r["ar_token"]].item(), lg[r["sd_token"]].item()
         gap = gap_in_ulps(la, ls, dtype)
-        r = dict(gamma=gamma, row=i, position=at, ar_token=a_tok, sd_token=s_tok, ar_logit_fp32=la, sd_logit_fp32=ls,
-                 fp32_argmax=int(lg.argmax()), gap_ulps=gap, tie=gap <= args.max_ulps)
+        r.update(ar_logit_fp32=la, sd_logit_fp32=ls, fp32_argmax=int(lg.argmax()), gap_ulps=gap, tie=gap <= args.max_ulps)
         report.append(r)
-        print(f"gamma {gamma} row {i} parts at token {at}: AR {a_tok} ({la:.4f}), SD {s_tok} ({ls:.4f}), fp32 argmax "
-              f"{r['fp32_argmax']}; gap {gap:.2f} ulp of {args.dtype}: {'tie' if r['tie'] else 'NOT A TIE'}", flush=True)
+        print(f"gamma {r['gamma']} row {i} parts at token {at}: AR {r['ar_token']} ({la:.4f}), SD {r['sd_token']} "
+              f"({ls:.4f}), fp32 argmax {r['fp32_argmax']}; gap {gap:.2f} ulp of {args.dtype}: "
+              f"{'tie' if r['tie'] else 'NOT A TIE'}", flush=True)
     wide = [r for r in report if not r["tie"]]
     print(f"{len(report)} partings, {len(wide)} wider than {args.max_ulps} ulp")
     if args.json:
-        bm.write_json(args, dict(partings=report, rows_equal={g: 1 - sum(r["gamma"] == g for r in report) / len(ar)
-                                                              for g in args.gammas}))
+        rows_equal = {g: 1 - sum(r["gamma"] == g for r in report) / len(ar) for g in args.gammas}
+        benchlib.write_json(args.json, dict(env=benchlib.environment(device), settings=vars(args), partings=report,
+                                            rows_equal=rows_equal))
     sys.exit(1 if wide else 0)
 
 

@@ -1,8 +1,10 @@
-# PNGs from a benchmark.py sweep (or gpu) JSON, or from a scripts/acceptance.py JSON (acceptance only):
+# PNGs from scripts/bench_sweep.py JSONs, a scripts/acceptance.py JSON (acceptance only) or a
+# scripts/bench_stream.py JSON (the stream only):
 #   speedup_vs_batch.png       best SD speedup over AR against batch size, one line per prefix length
 #   acceptance_vs_budget.png   acceptance per draft token against draft budget, StreamingLLM vs SnapKV
 #   predicted_vs_measured.png  speedup predicted from measured step ratios and acceptance against measured
-# Needs matplotlib (pip install matplotlib), which nothing else in the project uses.
+#   stream_throughput.png      tokens finished over time: static waves and continuous batching, AR and SD
+# Needs matplotlib (pip install matplotlib), which only this script and its test use.
 #   python scripts/plot.py benchmarks/results/sweep-<time>.json [more sweep JSONs] [--out benchmarks/plots]
 # Several sweep JSONs (one per batch size and prefix, say) are plotted together, titled by the first.
 import argparse
@@ -16,16 +18,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KIND_LABEL = {"streaming": "StreamingLLM", "snapkv": "SnapKV", "full": "full cache"}
 
 
-def sd_records(data):
-    if "sd" in data:
-        return data["sd"]
-    return [r for group in data.get("sd_vs_ar", []) for r in group["sd"]]  # gpu mode
+def is_acceptance(data):
+    return "prompt_len" in data and "results" in data
 
 
 def title(data, what):
-    env = data.get("env", {})
-    if not env:  # an acceptance.py JSON: device-independent, labelled by its settings
-        return f"{what}\n{data['prompt_len']}-token prompts, gamma {data['gamma']}, {data['dtype']}, {data['commit']}, {data['date']}"
+    env = data.get("env", data)  # older acceptance.py JSONs keep commit and date at the top
+    if is_acceptance(data):  # device-independent, labelled by its settings
+        return (f"{what}\n{data['prompt_len']}-token prompts, gamma {data['gamma']}, {data['dtype']}, "
+                f"{(env.get('commit') or '')[:8]}, {env.get('date', '')[:10]}")
     return (f"{what}\n{env.get('device', '?')}, {data['settings'].get('dtype', '')}, "
             f"{'compiled' if data['settings'].get('compile') else 'eager'}, {(env.get('commit') or '')[:8]}, {env.get('date', '')[:10]}")
 
@@ -117,6 +118,30 @@ def predicted_vs_measured(plt, data, records, out):
     return save(fig, out, "predicted_vs_measured.png")
 
 
+def is_stream(data):
+    return "runs" in data and data["runs"] and "timeline" in data["runs"][0]
+
+
+def stream_throughput(plt, data, out):
+    """Cumulative generated tokens of finished requests against time, one line per mode (cycle 0)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    style = {"ar-static": ("tab:blue", ":"), "ar-continuous": ("tab:blue", "-"), "sd-static": ("tab:red", ":"),
+             "sd-continuous": ("tab:red", "-")}
+    for r in data["runs"]:
+        if r["cycle"] != 0:
+            continue
+        t, n = zip(*([(0.0, 0)] + [tuple(x) for x in r["timeline"]]))
+        color, line = style.get(r["mode"], ("gray", "-"))
+        ax.step(t, n, where="post", color=color, linestyle=line,
+                label=f"{r['mode']} ({r['tokens_per_s']:.1f} tok/s)")
+    st = data["settings"]
+    ax.set_xlabel("seconds since the stream began")
+    ax.set_ylabel("tokens of finished requests")
+    ax.set_title(f"{st['requests']} requests through {st['slots']} slots, {data.get('device', '')}", fontsize=9)
+    ax.legend(fontsize=8)
+    return save(fig, out, "stream_throughput.png")
+
+
 def log2_ticks(ax, values):
     ax.set_xscale("log", base=2)
     ax.set_xticks(sorted(values), [str(v) for v in sorted(values)])
@@ -132,7 +157,7 @@ def save(fig, out, name):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Plots from a benchmark.py sweep or gpu JSON.")
+    p = argparse.ArgumentParser(description="Plots from bench_sweep.py JSONs or an acceptance.py JSON.")
     p.add_argument("json", nargs="*", help="default: the newest benchmarks/results/sweep-*.json")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "plots"))
     p.add_argument("--speculate", default="self", choices=["self", "draft"], help="which speculation mode to plot")
@@ -154,9 +179,11 @@ def main(argv=None):
             datas.append(json.load(f))
     data = datas[0]
     os.makedirs(args.out, exist_ok=True)
-    if "results" in data and "prompt_len" in data:
+    if is_acceptance(data):
         return [acceptance_vs_budget(plt, data, acceptance_records(data), args.out)]
-    records = [dict(r, new_tokens=d.get("settings", {}).get("max_new_tokens")) for d in datas for r in sd_records(d)
+    if is_stream(data):
+        return [stream_throughput(plt, data, args.out)]
+    records = [dict(r, new_tokens=d.get("settings", {}).get("max_new_tokens")) for d in datas for r in d["sd"]
                if r["speculate"] == args.speculate]
     if not records:
         sys.exit(f"error: {', '.join(paths)} hold no --speculate {args.speculate} results")

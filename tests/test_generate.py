@@ -91,3 +91,16 @@ def test_cli_writes_json_and_speculation_matches(tmp_path, smollm2_dir):
         assert key in a
     assert 0 < s["acceptance"] <= 1 and s["tokens_per_round"] >= 1
     assert "tokens/s" in ar.stdout and "acceptance per draft token" in sd.stdout
+
+
+def test_chat_flag_gives_the_templates_tokens(smollm2_dir, smollm2_gguf):
+    """--chat wraps the prompt as transformers' apply_chat_template does with the same GGUF's template."""
+    transformers = pytest.importorskip("transformers")
+    ref = transformers.AutoTokenizer.from_pretrained(smollm2_dir, gguf_file=smollm2_gguf)
+    question = "What is the capital of France?"
+    want = ref.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True, tokenize=True)
+    want = list(want["input_ids"] if hasattr(want, "keys") else want)
+    args = G.parse_args(["--checkpoint_path", smollm2_dir, "--chat", "--prompt", question])
+    (req,) = G.tokenize(args, load_tokenizer(smollm2_dir), G.read_texts(args))
+    assert req.prompt == want
+    assert load_tokenizer(smollm2_dir).decode(want).endswith("<|im_start|>assistant\n")

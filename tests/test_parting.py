@@ -6,7 +6,6 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
-import benchmark as bm  # noqa: E402
 import parting  # noqa: E402
 
 
@@ -30,14 +29,14 @@ def test_fp32_rows_never_part_and_a_wrong_token_is_caught(smollm2_dir, essays_pa
     code, out = run(argv, capsys)
     assert code == 0 and "2 of 2 rows equal to AR" in out and "0 partings" in out
 
-    real = bm.run_engine
+    real = parting.generate_rows
 
-    def corrupted(*args, **kw):  # speculative rows with one token swapped for an unlikely one
-        r = real(*args, **kw)
-        if args[6] is not None:
-            r.tokens[1][4] = 0 if r.tokens[1][4] != 0 else 1
-        return r
+    def corrupted(model, prompts, args, sa=None):  # speculative rows with one token swapped for an unlikely one
+        rows = real(model, prompts, args, sa)
+        if sa is not None:
+            rows[1][4] = 0 if rows[1][4] != 0 else 1
+        return rows
 
-    monkeypatch.setattr(bm, "run_engine", corrupted)
+    monkeypatch.setattr(parting, "generate_rows", corrupted)
     code, out = run(argv, capsys)
     assert code == 1 and "row 1 parts at token 4" in out and "NOT A TIE" in out and "1 partings, 1 wider" in out

@@ -1,0 +1,38 @@
+# The prepared GPU check's CPU smoke mode: the same script and phases on tiny shapes, so that the
+# command a GPU run depends on cannot rot between the rare runs on a GPU.
+import json
+import os
+import subprocess
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_gpu_check_smoke_writes_every_field(tmp_path, smollm2_dir):
+    out = tmp_path / "gpu.json"
+    r = subprocess.run(["bash", "scripts/gpu_check.sh", "--smoke", "--out", str(out)], cwd=REPO, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rec = json.loads(out.read_text())
+    for key in ("device", "torch", "commit", "copy_bandwidth_GBps", "compile_s", "capture_s", "recompiles",
+                "predicted_speedup_8b", "attn_default"):
+        assert key in rec, key
+    assert {(a["batch_size"], a["context"], a["attn"]) for a in rec["ar"]} == {(1, 256, "sdpa"), (1, 256, "flex"),
+                                                                                (4, 512, "sdpa"), (4, 512, "flex")}
+    for row in rec["ar"]:
+        assert row["step_ms"] > 0 and row["bandwidth_fraction"] > 0
+    ratios = rec["step_ratios"][0]
+    assert set(ratios["t_verify_over_t_target"]) == {"2", "4"} and ratios["t_draft_over_t_target"] > 0
+    assert rec["predicted_speedup_8b"]["speedup"] > 0
+    (sd,) = rec["sd"]
+    for key in ("model", "batch_size", "prefix", "new_tokens", "gamma", "draft_budget", "acceptance",
+                "ar_tokens_per_s", "sd_tokens_per_s", "speedup", "t_draft_over_t_target", "t_verify_over_t_target"):
+        assert key in sd, key
+    assert sd["rows_equal"] == 1.0  # fp32 greedy: speculation gives the AR tokens
+    assert rec["recompiles"] == 0 and not rec["skipped"]
+    assert set(rec["stream"]["ratios"]) >= {"sd_continuous_over_sd_static", "sd_continuous_over_ar_continuous"}
+    # a second run of one phase keeps the others' results
+    r = subprocess.run(["bash", "scripts/gpu_check.sh", "--smoke", "--phases", "ratios", "--out", str(out)], cwd=REPO,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    again = json.loads(out.read_text())
+    assert again["ar"] == rec["ar"] and again["sd"] == rec["sd"] and len(again["runs"]) == 2
