@@ -117,9 +117,8 @@ class Engine:
     draft, verify at each gamma), fullgraph, static shapes. cuda_graphs (default: compile on CUDA):
     each decode, draft and verify step, all layers plus sampling and acceptance, is captured once per
     shape as one CUDA graph and replayed. backend: torch.compile's (tests trace with "aot_eager").
-    Reuse is safe: nothing reads a slot before the generation
-    at hand writes it (a query reads positions <= its own, all written by prefill or decode;
-    DraftCache.fill rewrites every slot)."""
+    Reuse is safe: nothing reads a slot before the generation at hand writes it (a query reads
+    positions <= its own, all written by prefill or decode; DraftCache.fill rewrites every slot)."""
 
     def __init__(self, model: Transformer, batch_size: int, max_seq_len: int, sa: Optional[SpecArgs] = None,
                  draft_model: Optional[Transformer] = None, attn: str = "sdpa", compile: bool = False,

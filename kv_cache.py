@@ -271,7 +271,9 @@ def snapkv_select(scores, prompt_lens, n_keep, window, pool_kernel=5):
 def snapkv_scores(model, cache, tokens, prompt_lens, window=32):
     """Observation pass: re-run each row's last `window` prompt tokens (rewriting the same K/V) and
     collect their attention to every cache position, summed over the window's queries and the query
-    heads of each KV group -> [n_layer, B, Hkv, S]. tokens [B, T] right-padded prompts."""
+    heads of each KV group -> [n_layer, B, Hkv, S]. tokens [B, T] right-padded prompts; a window
+    longer than the longest prompt observes from its start."""
+    window = min(window, tokens.shape[1])
     pos = (prompt_lens[:, None] - window + torch.arange(window, device=tokens.device)).clamp(min=0)
     scores = []
     model(tokens.gather(1, pos), pos, cache, logits_idx=pos[:, :1] * 0, scores=scores)

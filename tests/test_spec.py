@@ -259,3 +259,12 @@ def test_snapkv_select_pads_when_prefix_is_short():
 def test_draft_cache_refuses_budget_not_above_sinks():
     with pytest.raises(ValueError, match="larger than --sinks"):
         DraftCache("streaming", 1, 1, 1, 4, 16, 3, torch.float32, "cpu", sinks=16)
+
+
+def test_snapkv_window_longer_than_the_prompts_observes_from_their_start(tiny, tiny_prompts):
+    """A window of a million observes the longest prompt whole, as a window of its length does (and
+    does not run a million-token observation pass)."""
+    caches = [_run_rounds(tiny[0], tiny_prompts, SpecArgs("self", 3, "snapkv", 40, snapkv_window=w), 0)[1]
+              for w in (10 ** 6, 61)]
+    for a, b in zip(caches[0].layers, caches[1].layers):
+        assert torch.equal(a.slot_pos, b.slot_pos) and torch.equal(a.k, b.k)
