@@ -772,9 +772,10 @@ def main(argv=None):
         say(f"warning: up to {need} positions, past the model's trained context of {cfg.block_size}; "
             f"text beyond it may degrade", file=sys.stderr)
     try:
+        speculating = args.speculate != "none"
         check_fits(memory_needed(args, cfg, dcfg, B, max_seq_len, dtype, world), device,
-                   f"{B} rows x {max_seq_len} positions" + (f" with {args.speculate}-speculation caches"
-                                                             if args.speculate != "none" else ""))
+                   f"{B} rows x {max_seq_len} positions" + (" with the draft's caches" if speculating else ""),
+                   "lower --batch_size or --max_seq_len" + (", or --draft_budget" if speculating else ""))
     except MemoryError as e:
         raise UsageError(str(e)) from None
 
@@ -835,7 +836,10 @@ def run_requests(args, engine, requests, tokenizer, s, say):
         partial = args.results + ".partial"
         sink = open(partial, "w", encoding="utf-8")
 
+    finished = []
+
     def on_finish(req, record):
+        finished.append((record["id"], record["tokens"]))
         record["text"] = tokenizer.decode(record["tokens"])
         if sink is not None:  # one write per finished request, flushed to disk before the next round
             sink.write(json.dumps(record) + "\n")
@@ -846,6 +850,7 @@ def run_requests(args, engine, requests, tokenizer, s, say):
                 f"generated, {record['tokens_per_s']:.1f} tokens/s)\n{record['text']}")
 
     totals = serve(engine, requests, tokenizer.eos_ids, s, on_finish)
+    tp.check_agree(finished)
     if sink is not None:
         sink.close()
         os.replace(partial, args.results)

@@ -67,12 +67,12 @@ def free_memory(device) -> int:
     return max(min(free), 0)
 
 
-def check_fits(nbytes: int, device, what: str) -> None:
+def check_fits(nbytes: int, device, what: str, fix: str = "lower --batch_size or --max_seq_len") -> None:
     """Refuse an allocation that cannot fit, before trying it."""
     free = free_memory(device)
     if nbytes > free:
         raise MemoryError(f"{what} needs {nbytes:,} bytes ({nbytes / 2**30:.2f} GiB) but only "
-                          f"{free:,} bytes are free to this process on {device}; lower --batch_size or --max_seq_len")
+                          f"{free:,} bytes are free to this process on {device}; {fix}")
 
 
 class LayerKV(nn.Module):

@@ -137,6 +137,8 @@ CASES = {
     "truncated weights": (P("--checkpoint_path", "{truncated}"), "has 1000 bytes, manifest.json says"),
     "chat without a template": (P("--chat", "--checkpoint_path", "{no_template}"), "--chat:"),
     "cache larger than memory": (P("--batch_size", "100000", "--max_seq_len", "8192"), "bytes ("),
+    "draft cache larger than memory": (P("--speculate", "self", "--batch_size", "4000", "--max_seq_len", "64",
+                                         "--max_new_tokens", "8", "--draft_budget", "60000"), "or --draft_budget"),
 }
 
 

@@ -78,6 +78,51 @@ def test_refilled_row_holds_what_a_fresh_build_holds(tiny, kind):
         assert torch.equal(got.k[row, :, :n], want.k[0, :, :n]) and torch.equal(got.v[row, :, :n], want.v[0, :, :n])
 
 
+class CyclingPlanner:
+    """Stands in for the cost model: a new gamma at every re-choice, from the rows it is given."""
+    gammas = (1, 2, 3, 4)
+    alpha = 0.9
+
+    def __init__(self):
+        self.rows_seen = []
+
+    def calibrate(self, *measured):
+        self.measured = measured
+
+    def choose_gamma(self, alpha, budget):
+        return 2, 1.0
+
+    def choose_gamma_for_rows(self, rows, budget):
+        self.rows_seen.append(len(rows))
+        return self.gammas[len(self.rows_seen) % len(self.gammas)]
+
+
+def test_gamma_auto_replans_from_the_active_rows(tiny):
+    target, _ = tiny
+    planner = CyclingPlanner()
+    sa = SpecArgs("self", 2, "streaming", 24, sinks=4, gamma_max=4, adapt_every=1, planner=planner)
+    requests = stream(target.args.vocab_size, n=8, seed=7)
+    finished, _ = run_stream(Engine(target, SLOTS, MAX_SEQ, sa), requests)
+    alone = Engine(target, 1, MAX_SEQ)
+    for req, rec in finished:
+        assert rec["tokens"] == generate(alone, [req.prompt], req.max_new_tokens, {0}, Sampling()).tokens[0], req.id
+    assert planner.measured and len(planner.rows_seen) > 4 and 0 < min(planner.rows_seen) <= SLOTS
+
+
+def test_sampled_stream_is_reproducible(tiny):
+    target, _ = tiny
+    s = Sampling(temperature=1.0, top_k=20)
+    sa = SpecArgs("self", 3, "streaming", 24, sinks=4)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(11)
+        finished = []
+        serve(Engine(target, SLOTS, MAX_SEQ, sa), stream(target.args.vocab_size, n=6, seed=8), {0}, s,
+              lambda req, rec: finished.append((req.id, rec["tokens"])))
+        runs.append(finished)
+    assert runs[0] == runs[1] and len(runs[0]) == 6
+
+
 def test_warm_stream_compiles_nothing_new(tiny):
     target, _ = tiny
     sa = SpecArgs("self", 3, "streaming", 24, sinks=4)

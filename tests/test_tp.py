@@ -118,6 +118,22 @@ def test_gamma_auto_two_ranks(tiny_ckpts, tmp_path):
     assert two["tokens"] == ar["tokens"] and len(two["gamma_per_round"]) > 2
 
 
+def test_request_stream_two_ranks_equal_one(tiny_ckpts, tmp_path):
+    """Continuous batching under tensor parallelism: every rank refills the same slots in the same
+    order, and the results (written by rank 0) are one process's."""
+    target, _ = tiny_ckpts
+    reqs = tmp_path / "requests.jsonl"
+    reqs.write_text("\n".join(json.dumps(dict(prompt=p, max_new_tokens=n)) for p, n in zip(PROMPTS * 2, (3, 12, 7, 9, 2, 5))))
+    argv = ["--checkpoint_path", target, "--requests", str(reqs), "--batch_size", "2", "--prefill_chunk", "16",
+            "--speculate", "self", "--gamma", "2", "--draft_budget", "20", "--sinks", "4"]
+    G.main(argv + ["--results", str(tmp_path / "one.jsonl")])
+    r = torchrun(2, argv + ["--results", str(tmp_path / "two.jsonl")])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    one, two = ({rec["id"]: rec["tokens"] for rec in map(json.loads, (tmp_path / f).read_text().splitlines())}
+                for f in ("one.jsonl", "two.jsonl"))
+    assert one == two and len(one) == 6
+
+
 def test_disagreeing_ranks_fail():
     """The agreement check itself: ranks that hold different tokens exit non-zero, rank 0 says why."""
     with socket.socket() as s:
