@@ -693,8 +693,8 @@ def tokenize(args, tokenizer, texts) -> list:
         if args.chat:
             try:
                 text = tokenizer.apply_chat_template([{"role": "user", "content": text}])
-            except ValueError as e:
-                raise UsageError(f"--chat: {e}") from None
+            except Exception as e:  # the template is the checkpoint's code: whatever it raises is one line
+                raise UsageError(f"--chat: {e}".splitlines()[0]) from None
         ids = tokenizer.encode(text)
         if not ids:
             raise UsageError(f"{where} is empty")
