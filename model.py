@@ -6,7 +6,7 @@ import json
 import math
 import os
 import pickle
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from typing import Optional
 
 import torch

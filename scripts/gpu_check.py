@@ -19,17 +19,17 @@ Every engine compiles (one shared block per step kind) and replays its steps as 
 phase is skipped once the time budget would be overrun, and says so in the JSON.
 """
 import argparse
+import gc
 import json
 import os
 import sys
 import time
 
-import benchlib  # noqa: F401  (puts the repository on sys.path)
 import torch
 from torch._dynamo.utils import counters
 
-import costmodel
-from benchlib import NO_EOS, ROOT, environment, essay_prompts, random_model, write_json
+from benchlib import NO_EOS, ROOT, environment, essay_prompts, random_model, write_json  # first: sets sys.path
+import costmodel  # noqa: E402, I100
 from generate import Engine, SpecArgs, generate, sync
 from model import load_model
 from spec import Sampling
@@ -108,6 +108,7 @@ class Run:
 
 
 def free(device):
+    gc.collect()  # an engine's caches and graphs go before the next shape allocates its own
     if device.type == "cuda":
         torch.cuda.empty_cache()
 

@@ -91,7 +91,6 @@ def test_rows_stopping_early_at_eos(tiny, tiny_prompts, ar):
 def _accept_trials(p, q, n, seed=0):
     """p [g+1, V], q [g, V] -> (n_accept [n], first emitted token [n], second emitted token [n])."""
     torch.manual_seed(seed)
-    g = q.shape[0]
     drafts = torch.multinomial(q, n, replacement=True).T  # [n, g], drawn from q as a draft would
     n_acc, nxt = accept(p.expand(n, -1, -1), q.expand(n, -1, -1), drafts)
     emitted = torch.cat([drafts, drafts[:, :1]], 1).scatter(1, n_acc[:, None], nxt[:, None])
