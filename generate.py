@@ -16,8 +16,8 @@ import torch
 import spec
 import tp
 from kv_cache import DraftCache, KVCache, check_fits, snapkv_scores
-from model import (MANIFEST, Transformer, flash_attn_with_kvcache, load_model, read_config, run_block,
-                   verify_checkpoint, write_atomic)
+from checkpoint import MANIFEST, load_model, read_config, verify_checkpoint, write_atomic
+from model import Transformer, flash_attn_with_kvcache, run_block
 from spec import Sampling
 
 DEFAULT_CHECKPOINT = "checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct"

@@ -16,7 +16,7 @@ import torch
 import benchlib
 from benchlib import NO_EOS
 from generate import DEFAULT_CHECKPOINT, Engine, SpecArgs, generate
-from model import load_model
+from checkpoint import load_model
 from spec import Sampling
 from tokenizer import load_tokenizer
 

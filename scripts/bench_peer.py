@@ -20,7 +20,7 @@ import torch
 import benchlib
 from benchlib import engine_run, ints
 from generate import DEFAULT_CHECKPOINT, Engine, SpecArgs, sync
-from model import load_model
+from checkpoint import load_model
 from tokenizer import load_tokenizer
 
 

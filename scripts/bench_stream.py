@@ -23,7 +23,7 @@ import torch
 
 from benchlib import NO_EOS, RESULTS, cpu_counters, cpu_stolen_since, environment, essay_prompts, write_json
 from generate import Engine, Request, SpecArgs, generate, serve, sync
-from model import load_model
+from checkpoint import load_model
 from spec import Sampling
 from tokenizer import load_tokenizer
 

@@ -23,7 +23,7 @@ import benchlib
 import costmodel
 from benchlib import Run, engine_run, ints
 from generate import DEFAULT_CHECKPOINT, Engine, SpecArgs, pad_prompts
-from model import load_model
+from checkpoint import load_model
 from spec import Sampling
 from tokenizer import load_tokenizer
 

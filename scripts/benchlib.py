@@ -18,7 +18,8 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 from generate import Result, device_name, generate  # noqa: E402
-from model import ModelArgs, Transformer, place, write_atomic  # noqa: E402
+from checkpoint import write_atomic  # noqa: E402
+from model import ModelArgs, Transformer, place  # noqa: E402
 from spec import Sampling  # noqa: E402
 
 ESSAYS = os.path.join(ROOT, "data", "PaulGrahamEssays.json")

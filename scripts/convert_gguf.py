@@ -30,7 +30,7 @@ import torch
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
-from model import MANIFEST, read_manifest, sha256_of, sync_dir, verify_checkpoint, write_atomic  # noqa: E402
+from checkpoint import MANIFEST, read_manifest, sha256_of, sync_dir, verify_checkpoint, write_atomic  # noqa: E402
 from tokenizer import LLAMA3_SPLIT  # noqa: E402  (the tokenizer reads the pattern we write)
 
 TOKENIZER_FILE = "bpe_tokenizer.json"  # not "tokenizer.json": transformers would take that for its own format

@@ -31,7 +31,7 @@ from torch._dynamo.utils import counters
 from benchlib import NO_EOS, ROOT, environment, essay_prompts, random_model, write_json  # first: sets sys.path
 import costmodel  # noqa: E402, I100
 from generate import Engine, SpecArgs, generate, sync
-from model import load_model
+from checkpoint import load_model
 from spec import Sampling
 from tokenizer import load_tokenizer
 

@@ -20,7 +20,7 @@ import torch
 
 import benchlib
 from generate import DEFAULT_CHECKPOINT, Engine, SpecArgs, pad_prompts
-from model import load_model
+from checkpoint import load_model
 from tokenizer import load_tokenizer
 
 CHUNK = 512  # prefill chunk of the fp32 recomputation

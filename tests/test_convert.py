@@ -11,7 +11,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 import convert_hf_checkpoint as conv  # noqa: E402
 from kv_cache import KVCache  # noqa: E402
-from model import ModelArgs, load_model, read_config  # noqa: E402
+from checkpoint import load_model, read_config  # noqa: E402
+from model import ModelArgs  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 

@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 import convert_gguf as conv  # noqa: E402
 from kv_cache import KVCache  # noqa: E402
-from model import load_model, read_config, rope_inv_freq  # noqa: E402
+from checkpoint import load_model, read_config  # noqa: E402
+from model import rope_inv_freq  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
 gguf = pytest.importorskip("gguf")

@@ -9,7 +9,7 @@ import torch
 
 import generate as G
 from generate import Engine, SpecArgs, generate
-from model import load_model
+from checkpoint import load_model
 from spec import Sampling
 from tokenizer import load_tokenizer
 

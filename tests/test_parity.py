@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kv_cache import KVCache
-from model import load_model
+from checkpoint import load_model
 from tokenizer import load_tokenizer
 
 N_TOKENS = 512
