@@ -145,6 +145,13 @@ class Engine:
         if compile:
             # every step kind and gamma is one more graph of the same run_block code
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            if self.device.type == "cpu" and torch._inductor.config.cpp.vec_isa_ok is None:
+                # Inductor would prove each vector ISA the CPU reports by building a test library and
+                # loading it in a fresh Python process: ~7 s on an empty cache, ~2 s on every later
+                # start. The base AVX2/AVX-512 builds it skips need only a compiler from the last
+                # decade; its narrower checks (VNNI, bf16, AMX) still run. TORCHINDUCTOR_VEC_ISA_OK
+                # overrides this.
+                torch._inductor.config.cpp.vec_isa_ok = True
             self.block = torch.compile(run_block, fullgraph=True, dynamic=False, backend=backend)
         else:
             self.block = run_block
