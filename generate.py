@@ -451,11 +451,11 @@ def serve(engine: Engine, requests: list, eos_ids, s: Sampling, on_finish) -> di
                 slot_of[row] = (req, t_slot, time.perf_counter())
         if sa.planner is not None and not calibrated:
             gamma, calibrated = calibrate_gamma(engine, rows.prompt_lens + rows.n_gen - 1, s), True
-        if not bool(rows.done.all()):
-            decode_round(engine, rows, gamma, s, eos)
-            rounds += 1
-            if sa.adapt_every and rounds % sa.adapt_every == 0:
-                gamma = replan(engine, rows) or gamma
+        # some slot is busy here; a row done at its first token just idles through this round
+        decode_round(engine, rows, gamma, s, eos)
+        rounds += 1
+        if sa.adapt_every and rounds % sa.adapt_every == 0:
+            gamma = replan(engine, rows) or gamma
         done = rows.done.tolist()  # the one host sync per round
         t = time.perf_counter()
         for row in range(B):

@@ -29,6 +29,18 @@ def tiny_model(seed, n_layer=3, dim=64, n_head=4, n_kv_head=2):
 
 
 @pytest.fixture(scope="session")
+def one_line_error():
+    """check(main, argv): a converter's main(argv) must exit with exactly one line, 'error: ...'; -> that line."""
+    def check(main, argv):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        msg = str(e.value.code)
+        assert msg.startswith("error: ") and "\n" not in msg
+        return msg
+    return check
+
+
+@pytest.fixture(scope="session")
 def tiny():
     """The tiny models the engine tests share: target (3 layers) and a standalone draft (1 layer)."""
     return tiny_model(0), tiny_model(1, n_layer=1, dim=32)

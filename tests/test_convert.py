@@ -118,21 +118,13 @@ def test_unpermute_inverts_hf_permute():
     torch.testing.assert_close(conv.unpermute(hf[:, 0], n_head), w[:, 0], rtol=0, atol=0)
 
 
-def one_line_error(argv):
-    with pytest.raises(SystemExit) as e:
-        conv.main(argv)
-    msg = str(e.value.code)
-    assert msg.startswith("error: ") and "\n" not in msg
-    return msg
-
-
-def test_cli_errors(tmp_path):
-    assert "does not exist" in one_line_error(["--checkpoint_dir", str(tmp_path / "nope")])
-    assert "no config.json" in one_line_error(["--checkpoint_dir", str(tmp_path)])
+def test_cli_errors(tmp_path, one_line_error):
+    assert "does not exist" in one_line_error(conv.main, ["--checkpoint_dir", str(tmp_path / "nope")])
+    assert "no config.json" in one_line_error(conv.main, ["--checkpoint_dir", str(tmp_path)])
     (tmp_path / "config.json").write_text(json.dumps(dict(model_type="llama", **TINY)))
-    assert "no *.safetensors" in one_line_error(["--checkpoint_dir", str(tmp_path)])
+    assert "no *.safetensors" in one_line_error(conv.main, ["--checkpoint_dir", str(tmp_path)])
     (tmp_path / "config.json").write_text(json.dumps(dict(model_type="gemma", **TINY)))
-    assert "not supported" in one_line_error(["--checkpoint_dir", str(tmp_path)])
+    assert "not supported" in one_line_error(conv.main, ["--checkpoint_dir", str(tmp_path)])
 
 
 def write_tiny_config(d):

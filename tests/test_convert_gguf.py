@@ -242,7 +242,7 @@ def test_pre_tokenizers_match_transformers(tmp_path, pre):
         assert ours.decode(ours.encode(text)) == text
 
 
-def test_llama3_rope_freqs(tmp_path):
+def test_llama3_rope_freqs(tmp_path, one_line_error):
     # llama.cpp writes Llama 3.1 scaling as per-frequency divisors; base 5e5 with head_dim 16 puts
     # the pairs in all three bands (kept, smoothed, divided by the factor).
     head_dim, base = HEAD_DIM, 500000.0
@@ -264,15 +264,7 @@ def test_llama3_rope_freqs(tmp_path):
 
     write_gguf(tmp_path / "odd.gguf", weights=weights, rope_theta=base,
                extra_tensors={"rope_freqs.weight": (divisor * 1.5).astype(np.float32)})
-    assert "not Llama 3.1-style" in one_line_error([str(tmp_path / "odd.gguf"), "--out", str(tmp_path / "odd")])
-
-
-def one_line_error(argv):
-    with pytest.raises(SystemExit) as e:
-        conv.main(argv)
-    msg = str(e.value.code)
-    assert msg.startswith("error: ") and "\n" not in msg
-    return msg
+    assert "not Llama 3.1-style" in one_line_error(conv.main, [str(tmp_path / "odd.gguf"), "--out", str(tmp_path / "odd")])
 
 
 def run_script(script, *args):
@@ -289,7 +281,7 @@ def assert_one_line_failure(r, *needles):
         assert needle in lines[0], lines[0]
 
 
-def test_bad_files_give_one_line(tmp_path):
+def test_bad_files_give_one_line(tmp_path, one_line_error):
     assert_one_line_failure(run_script("convert_gguf.py", tmp_path / "nope.gguf"), "nope.gguf", "no such file")
     (tmp_path / "text.gguf").write_text("not a model at all")
     assert_one_line_failure(run_script("convert_gguf.py", tmp_path / "text.gguf"), "text.gguf", "not a GGUF")
@@ -299,25 +291,25 @@ def test_bad_files_give_one_line(tmp_path):
                             "cut.gguf", "truncated")
     for keep in (len(whole) - 8, 40):  # inside the last tensor, inside the header (in-process: quicker)
         (tmp_path / "cut.gguf").write_bytes(whole[:keep])
-        assert "truncated" in one_line_error([str(tmp_path / "cut.gguf"), "--out", str(tmp_path / "o")])
+        assert "truncated" in one_line_error(conv.main, [str(tmp_path / "cut.gguf"), "--out", str(tmp_path / "o")])
     assert not (tmp_path / "o" / "model.pth").exists()
 
 
-def test_unsupported_inputs_give_one_line(tmp_path):
+def test_unsupported_inputs_give_one_line(tmp_path, one_line_error):
     weights = random_weights("llama", tied=True)
     write_gguf(tmp_path / "g.gguf", "gemma", weights)
-    assert "architecture 'gemma' is not supported" in one_line_error([str(tmp_path / "g.gguf")])
+    assert "architecture 'gemma' is not supported" in one_line_error(conv.main, [str(tmp_path / "g.gguf")])
     write_gguf(tmp_path / "wpm.gguf", weights=weights, tokenizer_model="bert")
-    assert "vocabulary type 'bert' is not supported" in one_line_error([str(tmp_path / "wpm.gguf")])
+    assert "vocabulary type 'bert' is not supported" in one_line_error(conv.main, [str(tmp_path / "wpm.gguf")])
     write_gguf(tmp_path / "pre.gguf", weights=weights, pre="made-up")
-    assert "pre-tokenizer 'made-up' is not supported" in one_line_error([str(tmp_path / "pre.gguf")])
+    assert "pre-tokenizer 'made-up' is not supported" in one_line_error(conv.main, [str(tmp_path / "pre.gguf")])
     extra = {"blk.0.attn_output.bias": np.zeros(DIM, np.float32)}
     write_gguf(tmp_path / "extra.gguf", weights=weights, extra_tensors=extra)
-    assert "no place" in one_line_error([str(tmp_path / "extra.gguf")])
+    assert "no place" in one_line_error(conv.main, [str(tmp_path / "extra.gguf")])
     assert not any(p.name == "model.pth" for p in tmp_path.iterdir())
 
 
-def test_manifest_catches_damage_and_guards_the_directory(tmp_path):
+def test_manifest_catches_damage_and_guards_the_directory(tmp_path, one_line_error):
     src = write_gguf(tmp_path / "a.gguf", weights=random_weights("llama", tied=True))
     out = tmp_path / "ours"
     conv.main([str(src), "--out", str(out)])
@@ -344,14 +336,14 @@ def test_manifest_catches_damage_and_guards_the_directory(tmp_path):
     conv.verify_checkpoint(str(out), hashes=True)
     # a different GGUF into the same directory needs --force
     other = write_gguf(tmp_path / "b.gguf", weights=random_weights("llama", tied=False, seed=1))
-    assert "pass --force" in one_line_error([str(other), "--out", str(out)])
+    assert "pass --force" in one_line_error(conv.main, [str(other), "--out", str(out)])
     conv.main([str(other), "--out", str(out), "--force"])
     assert json.loads((out / "manifest.json").read_text())["source"]["sha256"] == conv.sha256_of(str(other))
     # no manifest at all (a run killed before its last step, or someone else's files): refused, not trusted
     (out / "manifest.json").unlink()
     with pytest.raises(ValueError, match="manifest.json is missing"):
         conv.verify_checkpoint(str(out))
-    assert "pass --force" in one_line_error([str(other), "--out", str(out)])
+    assert "pass --force" in one_line_error(conv.main, [str(other), "--out", str(out)])
 
 
 def test_no_template_is_a_clear_error(tmp_path):
