@@ -13,6 +13,9 @@ import torch
 from model import ModelArgs, Transformer, place, rope_inv_freq
 
 
+# the embedded default model, where scripts/prepare_smollm2.py puts it
+DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "HuggingFaceTB",
+                                  "SmolLM2-135M-Instruct")
 MANIFEST = "manifest.json"  # written last by scripts/convert_gguf.py: each file's size and sha256
 
 

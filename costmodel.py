@@ -11,14 +11,16 @@ from typing import Optional
 
 import torch
 
+from kv_cache import DraftLayout, kv_bytes
 from model import ModelArgs
 
 # Prior per-token acceptance of self-speculation against the StreamingLLM draft budget, measured for
-# SmolLM2-135M-Instruct on 4K-token essay prompts (gamma 4, refresh on; scripts/acceptance.py,
+# SmolLM2-135M-Instruct on 4K-token essay prompts (gamma 4, refresh on; benchmarks/acceptance.py,
 # benchmarks/results/acceptance_smollm2_4k.json). Its keys are the budgets --draft_budget auto
 # considers. Other models and texts differ (MagicDec reports about 0.8 at budget 512 for
 # Llama-3.1-8B); --gamma auto then corrects gamma from the acceptance it measures.
 PRIOR_ACCEPTANCE = {128: 0.889, 256: 0.910, 512: 0.944, 1024: 0.939}
+GAMMAS = tuple(range(1, 9))  # the gammas --gamma auto chooses among
 LOGIT_PASSES = 4  # fp32 logits are written, then read again by argmax/softmax and the acceptance test
 
 
@@ -69,26 +71,16 @@ def measure_hardware(device, dtype, copy_bytes=0, matmul_n=0, repeats=5, ops_per
 
 
 def weight_bytes(a: ModelArgs, itemsize: int) -> int:
-    """Bytes of the matmul weights one forward reads (the embedding lookup reads only B*T rows)."""
-    return itemsize * _matmul_params(a)
-
-
-def _matmul_params(a: ModelArgs) -> int:  # a tied output matrix is the embedding: read once
-    hd = a.head_dim
-    per_layer = a.dim * (a.n_head + 2 * a.n_kv_head) * hd + a.n_head * hd * a.dim + 3 * a.dim * a.intermediate_size
-    return a.n_layer * per_layer + a.vocab_size * a.dim
-
-
-def kv_bytes(a: ModelArgs, batch: int, slots: int, itemsize: int) -> int:
-    return 2 * a.n_layer * batch * a.n_kv_head * slots * a.head_dim * itemsize
+    """Bytes of the matrices one forward reads (ModelArgs.n_matmul_params)."""
+    return itemsize * a.n_matmul_params()
 
 
 def step_cost(a: ModelArgs, batch: int, tokens: int, slots: int, itemsize: int):
     """(bytes, FLOPs) of one forward of `tokens` new tokens per row against `slots` cache slots."""
-    nbytes = weight_bytes(a, itemsize) + kv_bytes(a, batch, slots, itemsize) \
+    nbytes = weight_bytes(a, itemsize) + kv_bytes(a.n_layer, batch, a.n_kv_head, slots, a.head_dim, itemsize) \
         + LOGIT_PASSES * 4 * batch * tokens * a.vocab_size
     attn = 4 * batch * a.n_head * tokens * slots * a.head_dim * a.n_layer  # QK^T and PV
-    return nbytes, 2 * batch * tokens * _matmul_params(a) + attn
+    return nbytes, 2 * batch * tokens * a.n_matmul_params() + attn
 
 
 def step_time(hw: Hardware, a: ModelArgs, batch: int, tokens: int, slots: int, itemsize: int) -> float:
@@ -134,7 +126,7 @@ class Planner:
     itemsize: int
     draft: Optional[ModelArgs] = None  # None: self-speculation (the target's weights, a sparse cache)
     draft_full_cache: bool = False  # a standalone draft reading its own full cache
-    gammas: tuple = tuple(range(1, 9))
+    gammas: tuple = GAMMAS
     alpha: float = 0.9  # the acceptance estimate the starting gamma was chosen with
     measured: Optional[tuple] = None  # (t_target, t_verify, its gamma, t_draft, its budget), see calibrate
 
@@ -146,7 +138,8 @@ class Planner:
         self.measured = (t_target, t_verify, gamma, t_draft, budget)
 
     def draft_time(self, gamma: int, budget: int):
-        draft_slots = self.slots if self.draft_full_cache else budget + gamma + 1
+        # a sparse draft step reads its whole layout (StreamingLLM's; SnapKV's has as many slots)
+        draft_slots = self.slots if self.draft_full_cache else DraftLayout.of("streaming", budget, gamma, 0).n_slots
         return step_time(self.hw, self.draft or self.target, self.batch, 1, draft_slots, self.itemsize)
 
     def ratios(self, gamma: int, budget: int):
@@ -182,13 +175,14 @@ class Planner:
         return max(options, key=lambda o: o[2])
 
 
-def auto_plan(target: ModelArgs, batch: int, slots: int, dtype, device, gamma, budget, budgets=(), prompt_len=0,
-              draft: Optional[ModelArgs] = None, draft_full_cache=False, compiled=False, gammas=tuple(range(1, 9))):
+def auto_plan(target: ModelArgs, batch: int, slots: int, *, dtype, device, gamma, budget, budgets=(), prompt_len=0,
+              draft: Optional[ModelArgs] = None, draft_full_cache=False, compiled=False, gammas=GAMMAS):
     """--gamma auto / --draft_budget auto: measure the device, then fill in whichever is "auto" from
     the prior acceptance (budgets, gammas: the candidates). -> (planner, gamma, budget, predicted speedup)."""
     cuda = torch.device(device).type == "cuda"
     hw = measure_hardware(device, dtype, ops_per_layer=(1 if cuda else 10) if compiled else 40)
-    p = Planner(hw, target, batch, slots, dtype.itemsize, draft, draft_full_cache, tuple(gammas))
+    p = Planner(hw, target, batch, slots, dtype.itemsize, draft=draft, draft_full_cache=draft_full_cache,
+                gammas=tuple(gammas))
     if budget == "auto":
         table = {b: prior_acceptance(b, prompt_len) for b in budgets}
         if gamma == "auto":
@@ -199,3 +193,13 @@ def auto_plan(target: ModelArgs, batch: int, slots: int, dtype, device, gamma, b
     if gamma == "auto":
         gamma = p.choose_gamma(alpha, budget)[0]
     return p, gamma, budget, speedup(alpha, gamma, *p.ratios(gamma, budget))
+
+
+def round_bytes(target: ModelArgs, *, batch: int, slots: int, itemsize: int, gamma: int = 0,
+                draft: Optional[ModelArgs] = None, draft_slots: int = 0) -> int:
+    """Bytes one autoregressive step (gamma 0) or one speculative round (gamma draft steps against
+    draft_slots, then a verify of gamma + 1 tokens) reads: what "bandwidth achieved" divides by."""
+    if gamma == 0:
+        return step_cost(target, batch, 1, slots, itemsize)[0]
+    return gamma * step_cost(draft or target, batch, 1, draft_slots, itemsize)[0] \
+        + step_cost(target, batch, gamma + 1, slots, itemsize)[0]

@@ -1,9 +1,15 @@
-# Static-shape KV caches. A cache is a list of per-layer caches (`cache.layers`), and every layer
-# cache answers one call from its attention layer:
+# Static-shape KV caches. A cache holds one cache per layer in `cache.layers`, and the model calls
+# each layer cache through three members, the whole protocol:
 #   update(input_pos [B, T], k [B, Hkv, T, D], v) -> (k_all [B, Hkv, S, D], v_all, mask)
-# It writes the new entries, then returns everything the new queries may read and the mask saying
-# which of it they read. Each layer owns its own buffers and no layer index appears anywhere, so one
-# compiled transformer block serves every layer (see model.run_block).
+#       writes the new entries, then returns everything the new queries may read and the mask
+#       saying which of it they read (the attention layer's one call);
+#   write(input_pos, k, v)      writes without attending (a draft cache refreshed by the verify step);
+#   bool_mask(input_pos)        the boolean mask [B, 1 | Hkv, T, S] (scores for SnapKV's picks).
+# Each layer owns its own buffers and no layer index appears anywhere, so one compiled transformer
+# block serves every layer (see model.run_block).
+#
+# This file also owns what the caches cost: kv_bytes() and DraftLayout are the one place their
+# sizes are computed (the engine's memory plan and the cost model use them).
 #
 # Rows never need explicit "lengths" to stay correct: a query at position p reads exactly the keys at
 # positions <= p. Entries beyond a row's committed length (prefill padding, rejected draft tokens)
@@ -18,6 +24,7 @@
 # for blocks longer than one flex query block (prefill chunks), the same cache answers with SDPA's
 # boolean mask.
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -65,6 +72,53 @@ def free_memory(device) -> int:
         with open("/proc/self/statm") as f:
             free.append(soft - int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE"))
     return max(min(free), 0)
+
+
+def kv_bytes(n_layer, rows, n_kv_head, slots, head_dim, itemsize) -> int:
+    """Bytes of K and V for `slots` entries per layer, row and KV head."""
+    return 2 * n_layer * rows * n_kv_head * slots * head_dim * itemsize
+
+
+SLOT_POS_BYTES = 8  # a draft entry's absolute position (int64 slot_pos)
+
+
+def full_slots(max_seq_len: int, attn: str) -> int:
+    """Slots per row of a full cache: flash-attn gets room for a verify block past the end, because
+    it cannot clamp positions as the other backends do (see LayerKV.update)."""
+    return max_seq_len + (FLASH_MAX_T if attn == "flash" else 0)
+
+
+@dataclass(frozen=True)
+class DraftLayout:
+    """Slot layout of a sparse draft cache (see DraftCache): n_keep fixed slots (sinks or picks), then
+    a ring of `ring` slots for the last `window` positions and one round's gamma + 1 new ones."""
+    kind: str
+    n_keep: int
+    window: int
+    ring: int
+    n_sink_pos: int  # positions below this live in fixed slot = position (StreamingLLM's sinks)
+
+    @classmethod
+    def of(cls, kind, draft_budget, gamma, sinks=16, recent=0) -> "DraftLayout":
+        if kind == "streaming":
+            if draft_budget <= sinks:
+                raise ValueError(f"--draft_budget {draft_budget} must be larger than --sinks {sinks}")
+            window = draft_budget - sinks
+        else:  # snapkv: the selected prompt entries plus a ring of the most recent `recent` positions
+            window = recent or draft_budget // 2
+            if not 0 < window < draft_budget:
+                raise ValueError(f"--draft_budget {draft_budget} must be larger than --snapkv_recent {window} (and >= 2)")
+        n_keep = draft_budget - window
+        # streaming: positions below n_keep go to slot = position; snapkv: fixed slots are filled once
+        return cls(kind, n_keep, window, window + gamma + 1, n_keep if kind == "streaming" else 0)
+
+    @property
+    def n_slots(self) -> int:  # = draft_budget + gamma + 1: what one draft step reads
+        return self.n_keep + self.ring
+
+    def nbytes(self, n_layer, rows, n_kv_head, head_dim, itemsize) -> int:
+        return kv_bytes(n_layer, rows, n_kv_head, self.n_slots, head_dim, itemsize) \
+            + n_layer * rows * n_kv_head * self.n_slots * SLOT_POS_BYTES
 
 
 def check_fits(nbytes: int, device, what: str, fix: str = "lower --batch_size or --max_seq_len") -> None:
@@ -123,11 +177,10 @@ class LayerKV(nn.Module):
 class KVCache(nn.Module):
     """Full cache of the target: one LayerKV per layer."""
 
-    def __init__(self, n_layer, batch_size, n_kv_head, max_seq_len, head_dim, dtype, device, attn="sdpa", q_per_kv=1):
+    def __init__(self, n_layer, batch_size, n_kv_head, max_seq_len, head_dim, *, dtype, device, attn="sdpa",
+                 q_per_kv=1):
         super().__init__()
-        if attn == "flash":  # room for a verify block past the end: flash cannot clamp (see update)
-            max_seq_len += FLASH_MAX_T
-        check_fits(2 * n_layer * batch_size * n_kv_head * max_seq_len * head_dim * dtype.itemsize, device, "the KV cache")
+        max_seq_len = full_slots(max_seq_len, attn)
         self.layers = nn.ModuleList(LayerKV(batch_size, n_kv_head, max_seq_len, head_dim, dtype, device, attn, q_per_kv)
                                     for _ in range(n_layer))
         self.max_seq_len = max_seq_len
@@ -207,27 +260,14 @@ class DraftCache(nn.Module):
     so target keys can be copied in as they are.
     """
 
-    def __init__(self, kind, n_layer, batch_size, n_kv_head, head_dim, draft_budget, gamma, dtype, device,
-                 sinks=16, recent=0, attn="sdpa", q_per_kv=1):
+    def __init__(self, layout: DraftLayout, n_layer, batch_size, n_kv_head, head_dim, *, dtype, device, attn="sdpa",
+                 q_per_kv=1):
         super().__init__()
-        if kind == "streaming":
-            if draft_budget <= sinks:
-                raise ValueError(f"--draft_budget {draft_budget} must be larger than --sinks {sinks}")
-            window = draft_budget - sinks
-        else:  # snapkv: the selected prompt entries plus a ring of the most recent `recent` positions
-            window = recent or draft_budget // 2
-            if not 0 < window < draft_budget:
-                raise ValueError(f"--draft_budget {draft_budget} must be larger than the SnapKV recent window {window}")
-        self.kind, self.window = kind, window
-        self.n_keep = draft_budget - window
-        # streaming: positions below n_keep go to slot = position; snapkv: fixed slots are filled once
-        self.n_sink_pos = self.n_keep if kind == "streaming" else 0
-        self.ring = window + gamma + 1
-        n_slots = self.n_keep + self.ring
-        check_fits(n_layer * batch_size * n_kv_head * n_slots * (2 * head_dim * dtype.itemsize + 8), device,
-                   "the draft KV cache")
+        self.layout = layout
+        self.kind, self.window, self.n_keep, self.ring, self.n_sink_pos = (
+            layout.kind, layout.window, layout.n_keep, layout.ring, layout.n_sink_pos)
         self.layers = nn.ModuleList(
-            LayerDraftKV(batch_size, n_kv_head, head_dim, self.n_keep, window, self.ring, self.n_sink_pos, dtype,
+            LayerDraftKV(batch_size, n_kv_head, head_dim, self.n_keep, self.window, self.ring, self.n_sink_pos, dtype,
                          device, attn, q_per_kv) for _ in range(n_layer))
 
     def fill(self, full: KVCache, prompt_lens, scores=None, rows=None):

@@ -33,6 +33,21 @@ class ModelArgs:
         if self.n_head % self.n_kv_head:
             raise ValueError(f"n_head={self.n_head} is not a multiple of n_kv_head={self.n_kv_head}")
 
+    def n_matmul_params(self) -> int:
+        """Parameters of the matrices one forward multiplies by: every layer's projections and the
+        output layer (a tied output is the embedding matrix, read once as the output layer; the
+        embedding lookup itself reads only B*T rows)."""
+        hd = self.head_dim
+        per_layer = self.dim * (self.n_head + 2 * self.n_kv_head) * hd + self.n_head * hd * self.dim \
+            + 3 * self.dim * self.intermediate_size
+        return self.n_layer * per_layer + self.vocab_size * self.dim
+
+    def n_params(self) -> int:
+        """Parameters stored: the matrices, a separate embedding unless tied, norms and biases."""
+        bias = self.n_layer * (self.n_head + 2 * self.n_kv_head) * self.head_dim if self.qkv_bias else 0
+        norms = (2 * self.n_layer + 1) * self.dim
+        return self.n_matmul_params() + (0 if self.tie_embeddings else self.vocab_size * self.dim) + bias + norms
+
     @classmethod
     def from_name(cls, name: str) -> "ModelArgs":
         if name not in CONFIGS:

@@ -1,6 +1,8 @@
-# Speculative decoding over ragged batches: gamma draft steps against a sparse draft cache, one target
-# forward over gamma + 1 tokens, and exact acceptance (Leviathan et al. 2211.17192; Chen et al.
-# 2302.01318). Every row moves independently and nothing here reads a tensor back to the host.
+# The step functions and the acceptance math: an autoregressive decode step, a draft step against a
+# sparse draft cache, a verify step (one target forward over gamma + 1 tokens) and exact acceptance
+# (Leviathan et al. 2211.17192; Chen et al. 2302.01318). A step is a plain function of a model, its
+# caches and tensors: it knows no engine, so it is what an engine compiles or captures as one graph.
+# Every row moves independently and nothing here reads a tensor back to the host.
 #
 # Greedy decoding is the special case where every distribution is one-hot on its argmax: a draft
 # token is then accepted iff it equals the target argmax, and the residual distribution is one-hot
@@ -53,6 +55,11 @@ def next_token(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
     return logits.argmax(-1) if s.temperature == 0 else sample(logits_to_probs(logits, s))
 
 
+def decode_step(model, cache, cur, pos, s: Sampling, block=run_block):
+    """One autoregressive step for every row: cur, pos [B] -> next token [B]."""
+    return next_token(model(cur[:, None], pos[:, None], cache, block=block)[:, -1], s)
+
+
 def draft_step(draft_model, draft_cache, tokens, input_pos, s: Sampling, block=run_block):
     """tokens, input_pos [B, T] -> next draft token [B] and its distribution q [B, V] (None when
     greedy: the draft's argmax is all the verification needs)."""
@@ -99,34 +106,3 @@ def verify_step(target, cache, cur, drafts, q, pos, s: Sampling, refresh=None, b
     if s.temperature == 0:
         return accept_greedy(logits.argmax(-1), drafts)
     return accept(logits_to_probs(logits, s), q, drafts)
-
-
-def speculate_round(engine, last2, pos, gamma, s: Sampling):
-    """One round for every row, with engine's draft and verify steps (generate.Engine). last2 [B, 2]:
-    the last two tokens of each row, the second (at position pos [B]) not yet in any cache. Returns
-    emitted [B, gamma+1] (the first n_emit of each row are new tokens) and n_emit = n_accept + 1 [B].
-
-    The draft must hold every position < pos before drafting. If the last round accepted all its
-    drafts, the draft never saw the last one: without refresh the first draft step re-feeds the
-    previous token too ([B, 2] at pos-1, pos; rewriting an entry the draft already holds is
-    harmless). With refresh (self-speculation) the verify step writes the target's K/V of the
-    verified positions into the draft cache as well, which covers that token and replaces the
-    draft's own sparse-attention K/V with the target's."""
-    B = pos.shape[0]
-    # compiled steps guard on strides: contiguous inputs keep to one graph per shape
-    tokens = (last2[:, 1:] if engine.refresh else last2).contiguous()
-    input_pos = pos[:, None] - tokens.shape[1] + 1 + torch.arange(tokens.shape[1], device=pos.device)
-    # each draft step's outputs are copied out at once: a step replayed as a CUDA graph overwrites them
-    drafts = torch.empty(B, gamma, dtype=torch.long, device=pos.device)
-    qs = None
-    if s.temperature != 0:
-        qs = torch.empty(B, gamma, engine.draft_model.args.vocab_size, dtype=torch.float32, device=pos.device)
-    for i in range(gamma):
-        d, q = engine.draft(tokens, input_pos, s)
-        drafts[:, i] = d
-        if qs is not None:
-            qs[:, i] = q
-        tokens, input_pos = drafts[:, i : i + 1].contiguous(), (pos + i + 1)[:, None]
-    n_accept, next_token = engine.verify(last2[:, 1].contiguous(), drafts, qs, pos, s)
-    emitted = torch.cat([drafts, drafts[:, :1]], 1).scatter(1, n_accept[:, None], next_token[:, None])
-    return emitted, n_accept + 1

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The prepared GPU check (scripts/gpu_check.py) on a bare CUDA machine with no package index.
-#   bash scripts/gpu_check.sh [--phases ar,ratios,sd] [--out PATH]   # on the GPU
+# The prepared GPU check (benchmarks/gpu_check.py) on a bare CUDA machine with no package index.
+#   bash scripts/gpu_check.sh [--phases preflight,ar,ratios,sd,stream] [--out PATH]   # on the GPU
 #   bash scripts/gpu_check.sh --smoke                               # on the CPU, tiny shapes (CI)
 # The SmolLM2 weights may come as parts of the GGUF, made with
 #   split -n 2 SmolLM2-135M-Instruct.Q4_1.gguf checkpoints/gguf-parts/SmolLM2-135M-Instruct.Q4_1.gguf.part-
@@ -28,4 +28,4 @@ if [ ! -f "$ckpt/model.pth" ] && compgen -G "checkpoints/gguf-parts/*.part-*" >/
     echo "the GGUF parts in checkpoints/gguf-parts are not complete yet: phases with real weights are skipped"
   fi
 fi
-exec python scripts/gpu_check.py "$@"
+exec python -m benchmarks.gpu_check "$@"

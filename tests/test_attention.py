@@ -5,7 +5,7 @@
 import pytest
 import torch
 
-from kv_cache import FLEX_BLOCK, DraftCache, KVCache
+from kv_cache import FLEX_BLOCK, DraftCache, DraftLayout, KVCache
 from model import attend, flash_attn_with_kvcache
 
 B, HKV, D = 3, 2, 16
@@ -31,8 +31,8 @@ def many_graphs():
 def target_pair(S, starts, T, g, device="cpu", dtype=torch.float32):
     """SDPA and flex full caches (2 layers) with the same random history; in the flex cache every KV
     block past a row's last query position holds NaN, which reaches the output if flex reads it."""
-    ref = KVCache(2, B, HKV, S, D, dtype, device)
-    flex = KVCache(2, B, HKV, S, D, dtype, device, attn="flex", q_per_kv=g)
+    ref = KVCache(2, B, HKV, S, D, dtype=dtype, device=device)
+    flex = KVCache(2, B, HKV, S, D, dtype=dtype, device=device, attn="flex", q_per_kv=g)
     pos = torch.tensor(starts, device=device)[:, None] + torch.arange(T, device=device)
     unread = torch.arange(S, device=device) >= (pos[:, -1:] // FLEX_BLOCK + 1) * FLEX_BLOCK  # [B, S]
     for r, f in zip(ref.layers, flex.layers):
@@ -63,9 +63,9 @@ def draft_pair(kind, T, g, device="cpu"):
     """SDPA and flex draft caches (2 layers) with the same random entries: positions drawn per layer,
     row, head and slot, some empty (-1) and some beyond the queries, so every visibility rule and the
     per-head SnapKV layout are exercised."""
-    args = (kind, 2, B, HKV, D, 24, 3, torch.float32, device)
-    ref = DraftCache(*args, sinks=4, recent=12)
-    flex = DraftCache(*args, sinks=4, recent=12, attn="flex", q_per_kv=g)
+    layout = DraftLayout.of(kind, 24, 3, sinks=4, recent=12)
+    ref = DraftCache(layout, 2, B, HKV, D, dtype=torch.float32, device=device)
+    flex = DraftCache(layout, 2, B, HKV, D, dtype=torch.float32, device=device, attn="flex", q_per_kv=g)
     pos = torch.tensor([3, 30, 47], device=device)[:, None] + torch.arange(T, device=device)
     for r, f in zip(ref.layers, flex.layers):
         r.k.normal_(), r.v.normal_()
@@ -97,7 +97,7 @@ def test_cuda_backends_match_sdpa(backend, g):
     ref, flex, pos = target_pair(1000, [5, 300, 996 - T], T, g, "cuda", dtype)
     cache = flex
     if backend == "flash":  # the same history without NaN blocks (and the flash cache's extra slots)
-        cache = KVCache(2, B, HKV, 1000, D, dtype, "cuda", attn="flash")
+        cache = KVCache(2, B, HKV, 1000, D, dtype=dtype, device="cuda", attn="flash")
         for r, c in zip(ref.layers, cache.layers):
             c.k[..., :1000, :].copy_(r.k), c.v[..., :1000, :].copy_(r.v)
     q, k, v = qkv(g, T, "cuda", dtype)

@@ -1,5 +1,5 @@
 # The benchmark scripts end to end on SmolLM2 with the smallest arguments: each writes its JSON with
-# the fields its readers (scripts/plot.py, the README's tables) use, and the values are sane. Speeds
+# the fields its readers (benchmarks/plot.py, the README's tables) use, and the values are sane. Speeds
 # are not asserted: this machine's timings say nothing here. In fp32, greedy speculative rows equal
 # autoregressive ones, and this engine's rows equal transformers' (tests/test_parity.py).
 import json
@@ -9,13 +9,10 @@ import sys
 import pytest
 import torch
 
+from benchmarks import acceptance, cold_start as bench_cold_start, peer as bench_peer, plot, sweep as bench_sweep
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
-import acceptance  # noqa: E402
-import bench_cold_start  # noqa: E402
-import bench_peer  # noqa: E402
-import bench_sweep  # noqa: E402
 import convert_hf_checkpoint  # noqa: E402
-import plot  # noqa: E402
 
 
 def read(path):

@@ -13,6 +13,8 @@ import torch
 
 import generate as G
 import model as M
+from checkpoint import MANIFEST, sha256_of
+from conftest import write_tiny_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HUGE = str(2 ** 40)
@@ -27,19 +29,17 @@ def no_loading(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def bad(tmp_path_factory, smollm2_dir):
+def bad(tmp_path_factory, tiny_checkpoint):
     """Files the cases point at: checkpoints broken in one way each, a non-UTF-8 prompt, a directory."""
     root = tmp_path_factory.mktemp("bad")
-    good_cfg = json.load(open(os.path.join(smollm2_dir, "config.json")))
+    good_cfg = json.load(open(os.path.join(tiny_checkpoint, "config.json")))
 
-    def checkpoint(name, cfg_text=None, model_bytes=b"x", extra=()):
+    def checkpoint(name, cfg_text=None, model_bytes=b"x"):
         d = root / name
         d.mkdir()
         (d / "config.json").write_text(cfg_text if cfg_text is not None else json.dumps(good_cfg))
         (d / "model.pth").write_bytes(model_bytes)
-        shutil.copy(os.path.join(smollm2_dir, "bpe_tokenizer.json"), d)
-        for f in extra:
-            shutil.copy(os.path.join(smollm2_dir, f), d)
+        shutil.copy(os.path.join(tiny_checkpoint, "bpe_tokenizer.json"), d)
         return str(d)
 
     paths = dict(
@@ -48,16 +48,15 @@ def bad(tmp_path_factory, smollm2_dir):
         missing_key=checkpoint("missing_key", json.dumps({k: v for k, v in good_cfg.items() if k != "hidden_size"})),
         wrong_type=checkpoint("wrong_type", json.dumps(dict(good_cfg, num_hidden_layers="30"))),
         negative=checkpoint("negative", json.dumps(dict(good_cfg, intermediate_size=-4))),
-        bad_heads=checkpoint("bad_heads", json.dumps(dict(good_cfg, num_key_value_heads=4))),
+        bad_heads=checkpoint("bad_heads", json.dumps(dict(good_cfg, num_key_value_heads=3))),
         other_vocab=checkpoint("other_vocab", json.dumps(dict(good_cfg, vocab_size=32000))),
         no_template=checkpoint("no_template"),
     )
-    # a copy of the prepared checkpoint whose model.pth is cut short: its manifest says so
+    # a copy of a checkpoint with a manifest, whose model.pth is then cut short: its manifest says so
     trunc = root / "truncated"
-    trunc.mkdir()
-    for f in os.listdir(smollm2_dir):
-        if not f.endswith(".gguf"):
-            shutil.copy(os.path.join(smollm2_dir, f), trunc)
+    shutil.copytree(tiny_checkpoint, trunc)
+    files = {f: dict(size=os.path.getsize(trunc / f), sha256=sha256_of(str(trunc / f))) for f in os.listdir(trunc)}
+    (trunc / MANIFEST).write_text(json.dumps(dict(files=files)))
     with open(trunc / "model.pth", "r+b") as f:
         f.truncate(1000)
     paths["truncated"] = str(trunc)
@@ -89,8 +88,6 @@ CASES = {
     "prompt longer than the cache": (["--prompt", "word " * 30, "--max_seq_len", "30"], "more than --max_seq_len 30"),
     "gamma 0": (P("--speculate", "self", "--gamma", "0"), "--gamma must be in 1-32 or auto"),
     "gamma 1000": (P("--speculate", "self", "--gamma", "1000"), "--gamma must be in 1-32 or auto"),
-    "gamma past max_new_tokens": (P("--speculate", "self", "--gamma", "8", "--max_new_tokens", "4"),
-                                  "--gamma 8 drafts more than --max_new_tokens 4 can keep"),
     "gamma not a number": (P("--speculate", "self", "--gamma", "often"), "expected an integer or 'auto'"),
     "adapt_every 0": (P("--adapt_every", "0"), "--adapt_every must be >= 1"),
     "sinks negative": (P("--speculate", "self", "--sinks", "-1"), "--sinks must be >= 0"),
@@ -111,7 +108,7 @@ CASES = {
     "draft checkpoint missing": (P("--speculate", "draft", "--draft_checkpoint_path", "/nonexistent/draft"),
                                  "draft checkpoint /nonexistent/draft: missing model.pth"),
     "draft with another vocabulary": (P("--speculate", "draft", "--draft_checkpoint_path", "{other_vocab}"),
-                                      "draft vocabulary (32000) differs from the target's (49152)"),
+                                      "draft vocabulary (32000) differs from the target's (259)"),
     "unknown flag": (P("--no_such_flag"), "unrecognized arguments: --no_such_flag"),
     "unknown dtype": (P("--dtype", "float8"), "invalid choice: 'float8'"),
     "flex without compile": (P("--attn", "flex"), "--attn flex runs inside compiled steps: add --compile"),
@@ -133,7 +130,7 @@ CASES = {
     "config lacks a key": (P("--checkpoint_path", "{missing_key}"), "missing key 'hidden_size'"),
     "config with a string size": (P("--checkpoint_path", "{wrong_type}"), "'num_hidden_layers' must be a positive integer"),
     "config with a negative size": (P("--checkpoint_path", "{negative}"), "'intermediate_size' must be a positive integer"),
-    "config with heads that do not group": (P("--checkpoint_path", "{bad_heads}"), "is not a multiple of n_kv_head=4"),
+    "config with heads that do not group": (P("--checkpoint_path", "{bad_heads}"), "is not a multiple of n_kv_head=3"),
     "truncated weights": (P("--checkpoint_path", "{truncated}"), "has 1000 bytes, manifest.json says"),
     "chat without a template": (P("--chat", "--checkpoint_path", "{no_template}"), "--chat:"),
     "cache larger than memory": (P("--batch_size", "100000", "--max_seq_len", "8192"), "bytes ("),
@@ -143,11 +140,11 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_bad_input_is_one_line_before_loading(case, bad, smollm2_dir, no_loading, capsys):
+def test_bad_input_is_one_line_before_loading(case, bad, tiny_checkpoint, no_loading, capsys):
     argv, expected = CASES[case]
     argv = [a.format(**bad) for a in argv]
     if "--checkpoint_path" not in argv:
-        argv = ["--checkpoint_path", smollm2_dir, *argv]
+        argv = ["--checkpoint_path", tiny_checkpoint, *argv]
     with pytest.raises(SystemExit) as e:
         G.cli(argv)
     out = capsys.readouterr()
@@ -158,11 +155,11 @@ def test_bad_input_is_one_line_before_loading(case, bad, smollm2_dir, no_loading
     assert not out.out.strip()
 
 
-def test_cache_beyond_the_process_memory_limit(smollm2_dir):
+def test_cache_beyond_the_process_memory_limit(tiny_checkpoint):
     """A cache that fits the machine but not this process's address-space limit is refused in one line."""
-    limit = 4 << 30  # the 6 GiB fp32 cache below fits this machine, not the limit
+    limit = 4 << 30  # the 8 GiB fp32 cache below fits this machine, not the limit
     code = (f"import resource, sys; resource.setrlimit(resource.RLIMIT_AS, ({limit}, {limit})); "
-            f"sys.argv = ['generate.py', '--checkpoint_path', {smollm2_dir!r}, '--prompt', 'hi', '--batch_size', '16', "
+            f"sys.argv = ['generate.py', '--checkpoint_path', {tiny_checkpoint!r}, '--prompt', 'hi', '--batch_size', '2048', "
             "'--max_seq_len', '8192']; import runpy; runpy.run_path('generate.py', run_name='__main__')")
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stderr
@@ -175,47 +172,34 @@ def run_cli(*args, timeout=300):
                           timeout=timeout, env=env)
 
 
-def test_real_process_prints_one_line(smollm2_dir):
-    for argv in (["--prompt", "hi", "--gamma", "0", "--speculate", "self"], ["--prompt", "hi", "--bogus"],
+def test_real_process_prints_one_line(tiny_checkpoint):
+    ckpt = ["--checkpoint_path", tiny_checkpoint]
+    for argv in ([*ckpt, "--prompt", "hi", "--gamma", "0", "--speculate", "self"], [*ckpt, "--prompt", "hi", "--bogus"],
                  ["--checkpoint_path", "/nonexistent", "--prompt", "hi"]):
         r = run_cli(*argv, timeout=120)
         assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr, r.stderr
 
 
-def tiny_checkpoint(d, smollm2_dir, state=None, **cfg_changes):
-    cfg = dict(hidden_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
-               vocab_size=49152, rope_theta=100.0)
-    os.makedirs(d, exist_ok=True)
-    with open(os.path.join(d, "config.json"), "w") as f:
-        json.dump(dict(cfg, **cfg_changes), f)
-    if state is None:
-        torch.manual_seed(0)
-        state = M.Transformer(M.ModelArgs.from_hf_config(cfg)).state_dict()
-    torch.save(state, os.path.join(d, "model.pth"))
-    shutil.copy(os.path.join(smollm2_dir, "bpe_tokenizer.json"), d)
-    return str(d)
-
-
-def test_faulty_weights_are_one_line_after_loading_began(tmp_path, smollm2_dir):
+def test_faulty_weights_are_one_line_after_loading_began(tmp_path):
     """Faults only reading the weights reveals: pickled code, a tensor of the wrong shape, weights of
     another size than config.json says, a file that is not a checkpoint. Exit code 1, one line."""
     class Payload:
         def __reduce__(self):
             return (os.system, ("echo pwned",))
 
-    good = tiny_checkpoint(tmp_path / "good", smollm2_dir)
+    good = write_tiny_checkpoint(tmp_path / "good", num_hidden_layers=1)
     state = torch.load(os.path.join(good, "model.pth"), weights_only=True)
     cases = {
-        "refused: holds pickled objects": tiny_checkpoint(tmp_path / "pickle", smollm2_dir,
-                                                          {"tok_embeddings.weight": torch.zeros(2), "x": Payload()}),
-        "tensor layers.0.attention.wo.weight has shape [64, 32], config.json implies [64, 64]": tiny_checkpoint(
-            tmp_path / "shape", smollm2_dir, dict(state, **{"layers.0.attention.wo.weight": torch.zeros(64, 32)})),
-        "state dict does not match config.json": tiny_checkpoint(tmp_path / "layers", smollm2_dir, state,
-                                                                 num_hidden_layers=2),
-        "tensor tok_embeddings.weight has shape [49152, 64], config.json implies [49152, 128]": tiny_checkpoint(
-            tmp_path / "dim", smollm2_dir, state, hidden_size=128, head_dim=16),
+        "refused: holds pickled objects": write_tiny_checkpoint(
+            tmp_path / "pickle", {"tok_embeddings.weight": torch.zeros(2), "x": Payload()}, num_hidden_layers=1),
+        "tensor layers.0.attention.wo.weight has shape [64, 32], config.json implies [64, 64]": write_tiny_checkpoint(
+            tmp_path / "shape", dict(state, **{"layers.0.attention.wo.weight": torch.zeros(64, 32)}),
+            num_hidden_layers=1),
+        "state dict does not match config.json": write_tiny_checkpoint(tmp_path / "layers", state, num_hidden_layers=2),
+        "tensor tok_embeddings.weight has shape [259, 64], config.json implies [259, 128]": write_tiny_checkpoint(
+            tmp_path / "dim", state, num_hidden_layers=1, hidden_size=128, head_dim=16),
     }
-    garbage = tiny_checkpoint(tmp_path / "garbage", smollm2_dir)
+    garbage = write_tiny_checkpoint(tmp_path / "garbage", num_hidden_layers=1)
     with open(os.path.join(garbage, "model.pth"), "wb") as f:
         f.write(b"not a checkpoint at all")
     cases["not a readable checkpoint"] = garbage
@@ -225,8 +209,8 @@ def test_faulty_weights_are_one_line_after_loading_began(tmp_path, smollm2_dir):
         assert r.stderr.strip().count("\n") == 0 and expected in r.stderr, r.stderr
 
 
-def test_failed_output_write_keeps_the_old_file(tmp_path, smollm2_dir, monkeypatch, capsys):
-    ckpt = tiny_checkpoint(tmp_path / "tiny", smollm2_dir)
+def test_failed_output_write_keeps_the_old_file(tmp_path, tiny_checkpoint, monkeypatch, capsys):
+    ckpt = tiny_checkpoint
     out = tmp_path / "out.json"
     out.write_text('{"old": true}')
 
@@ -238,7 +222,7 @@ def test_failed_output_write_keeps_the_old_file(tmp_path, smollm2_dir, monkeypat
     err = capsys.readouterr().err.strip()
     assert e.value.code == 1 and "No space left on device" in err and "\n" not in err, err
     assert json.loads(out.read_text()) == {"old": True}
-    assert os.listdir(tmp_path) == ["tiny", "out.json"] or sorted(os.listdir(tmp_path)) == ["out.json", "tiny"]
+    assert os.listdir(tmp_path) == ["out.json"]
 
 
 def test_tiny_temperature_is_greedy_and_huge_is_well_defined():
@@ -250,8 +234,33 @@ def test_tiny_temperature_is_greedy_and_huge_is_well_defined():
     assert torch.isfinite(p).all() and torch.allclose(p, torch.full_like(p, 0.25))
 
 
-def test_prompt_past_the_trained_context_warns_once(tmp_path, smollm2_dir, capsys):
-    ckpt = tiny_checkpoint(tmp_path / "short", smollm2_dir, max_position_embeddings=16)
+def test_prompt_past_the_trained_context_warns_once(tmp_path, capsys):
+    ckpt = write_tiny_checkpoint(tmp_path / "short", max_position_embeddings=16)
     assert G.cli(["--checkpoint_path", ckpt, "--prompt", "word " * 12, "--max_new_tokens", "8"]) == 0
     err = capsys.readouterr().err
     assert err.count("past the model's trained context of 16") == 1
+
+
+def test_num_samples_reports_each_sample_bandwidth_and_memory(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "run.json"
+    argv = ["--checkpoint_path", tiny_checkpoint, "--prompt", "Hello there", "--max_new_tokens", "12",
+            "--speculate", "self", "--draft_budget", "8", "--sinks", "2", "--num_samples", "3", "--json", str(out)]
+    assert G.cli(argv) == 0
+    printed = capsys.readouterr().out
+    assert [line.split(":")[0] for line in printed.splitlines() if line.startswith("sample ")] == \
+        ["sample 0", "sample 1", "sample 2"]
+    assert "bandwidth achieved" in printed and "peak memory" in printed and "over 3 samples" in printed
+    rec = json.loads(out.read_text())
+    assert len(rec["samples_tokens_per_s"]) == 3 and rec["bandwidth_GBps"] > 0 and rec["peak_memory_bytes"] > 0
+
+
+def test_default_gamma_adapts_to_a_short_generation(tiny_checkpoint, tmp_path, capsys):
+    """--speculate self with --max_new_tokens 4: the default gamma (4) drafts more than the row can
+    keep, so it is lowered with a note, never refused; the tokens are the autoregressive ones."""
+    common = ["--checkpoint_path", tiny_checkpoint, "--prompt", "Hello there", "--max_new_tokens", "4"]
+    assert G.cli(common + ["--json", str(tmp_path / "ar.json")]) == 0
+    assert G.cli(common + ["--speculate", "self", "--draft_budget", "8", "--sinks", "2",
+                           "--json", str(tmp_path / "sd.json")]) == 0
+    assert "note: --gamma 4 drafts more than --max_new_tokens 4 can keep: gamma 3 instead" in capsys.readouterr().err
+    ar, sd = (json.loads((tmp_path / f).read_text()) for f in ("ar.json", "sd.json"))
+    assert sd["tokens"] == ar["tokens"]

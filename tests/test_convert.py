@@ -97,7 +97,7 @@ def test_logits_match_transformers(converted):
 
     tokens = torch.randint(0, args.vocab_size, (2, PROMPT + STEPS), generator=torch.Generator().manual_seed(1))
     pos = torch.arange(PROMPT + STEPS).expand(2, -1)
-    cache = KVCache(args.n_layer, 2, args.n_kv_head, PROMPT + STEPS, args.head_dim, torch.float32, "cpu")
+    cache = KVCache(args.n_layer, 2, args.n_kv_head, PROMPT + STEPS, args.head_dim, dtype=torch.float32, device="cpu")
     with torch.no_grad():
         ref = hf(tokens).logits.float()
         prefill = ours(tokens[:, :PROMPT], pos[:, :PROMPT], cache)

@@ -133,7 +133,7 @@ def engine_logits(model, tokens):
     knows how the model and its cache are called."""
     args = model.args
     B, T = tokens.shape
-    cache = KVCache(args.n_layer, B, args.n_kv_head, T, args.head_dim, torch.float32, "cpu")
+    cache = KVCache(args.n_layer, B, args.n_kv_head, T, args.head_dim, dtype=torch.float32, device="cpu")
     with torch.no_grad():
         return model(tokens, torch.arange(T).expand(B, -1), cache)
 

@@ -9,9 +9,11 @@ import pytest
 import torch
 
 import costmodel
-import generate
+import engine
+import generate as G
 from costmodel import Hardware, Planner, omega, speedup
-from generate import SpecArgs
+from engine import SpecArgs
+from kv_cache import kv_bytes
 from model import ModelArgs, Transformer, place
 from spec import Sampling
 
@@ -44,7 +46,8 @@ def test_step_cost_counts_weights_and_kv():
     # MagicDec's per-layer KV bytes: 2 * 2 * b * n * d / g in bf16 (g: GQA ratio)
     b, n = 16, 16384
     per_layer = 2 * 2 * b * n * LLAMA8B.dim / (LLAMA8B.n_head // LLAMA8B.n_kv_head)
-    assert costmodel.kv_bytes(LLAMA8B, b, n, 2) == pytest.approx(per_layer * LLAMA8B.n_layer)
+    a = LLAMA8B
+    assert kv_bytes(a.n_layer, b, a.n_kv_head, n, a.head_dim, 2) == pytest.approx(per_layer * a.n_layer)
 
 
 def test_ratios_follow_magicdec_regimes():
@@ -130,37 +133,21 @@ class CyclingPlanner:
 @pytest.mark.parametrize("kind", ["streaming", "snapkv"])
 def test_changing_gamma_mid_generation_keeps_greedy_tokens(tiny, tiny_prompts, kind):
     model = tiny[0]
-    ar = generate.generate(generate.Engine(model, 3, 112), tiny_prompts, 40, {0}, Sampling()).tokens
+    ar = engine.generate(engine.Engine(model, 3, 112), tiny_prompts, 40, {0}, Sampling()).tokens
     planner = CyclingPlanner()
-    sa = SpecArgs("self", 2, kind, 24, sinks=4, snapkv_window=8, gamma_max=5, adapt_every=1, planner=planner)
-    r = generate.generate(generate.Engine(model, 3, 112, sa), tiny_prompts, 40, {0}, Sampling())
+    sa = SpecArgs("self", gamma=2, draft_kv=kind, draft_budget=24, sinks=4, snapkv_window=8, gamma_max=5, adapt_every=1,
+                  planner=planner)
+    r = engine.generate(engine.Engine(model, 3, 112, sa=sa), tiny_prompts, 40, {0}, Sampling())
     assert r.tokens == ar
     assert len(set(r.gammas)) == 5 and planner.calls and r.acceptance < 1.0
     assert len(planner.measured) == 5 and planner.measured[2] == 2  # calibrated on a verify of the first gamma
 
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory, smollm2_dir):
-    """A random 2-layer model with SmolLM2's vocabulary and tokenizer, in the checkpoint layout main() loads."""
-    d = tmp_path_factory.mktemp("tiny")
-    torch.manual_seed(3)
-    model = place(Transformer(ModelArgs(dim=64, n_layer=2, n_head=4, n_kv_head=2, intermediate_size=128,
-                                        vocab_size=49152, rope_base=100.0)), "cpu", torch.float32)
-    for p in model.parameters():  # wide weights: peaked logits, so greedy tokens are far from ties
-        p.data.normal_(0, 0.35)
-    torch.save(model.state_dict(), d / "model.pth")
-    cfg = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-               intermediate_size=128, vocab_size=49152, rope_theta=100.0, max_position_embeddings=2048)
-    (d / "config.json").write_text(json.dumps(cfg))
-    shutil.copy(os.path.join(smollm2_dir, "bpe_tokenizer.json"), d)
-    return str(d)
-
-
 def test_gamma_auto_end_to_end_matches_autoregressive(tiny_checkpoint, tmp_path, capsys):
     prompt = ["--prompt", "Paul Graham writes essays about startups, programming and how to do great work. " * 3]
     common = ["--checkpoint_path", tiny_checkpoint, *prompt, "--batch_size", "2", "--max_new_tokens", "40"]
-    generate.main(common + ["--json", str(tmp_path / "ar.json")])
-    generate.main(common + ["--speculate", "self", "--gamma", "auto", "--draft_budget", "auto", "--adapt_every", "2",
+    G.main(common + ["--json", str(tmp_path / "ar.json")])
+    G.main(common + ["--speculate", "self", "--gamma", "auto", "--draft_budget", "auto", "--adapt_every", "2",
                             "--json", str(tmp_path / "sd.json")])
     assert "cost model: gamma" in capsys.readouterr().out
     ar, sd = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("ar", "sd"))
@@ -169,8 +156,38 @@ def test_gamma_auto_end_to_end_matches_autoregressive(tiny_checkpoint, tmp_path,
 
 
 def test_auto_flags_parse(tiny_checkpoint):
-    args = generate.parse_args(["--checkpoint_path", tiny_checkpoint, "--prompt", "x", "--speculate", "self",
+    args = G.parse_args(["--checkpoint_path", tiny_checkpoint, "--prompt", "x", "--speculate", "self",
                                 "--gamma", "auto", "--draft_budget", "auto"])
     assert args.gamma == args.draft_budget == "auto"
-    with pytest.raises(generate.UsageError, match="expected an integer or 'auto'"):
-        generate.parse_args(["--checkpoint_path", tiny_checkpoint, "--prompt", "x", "--gamma", "often"])
+    with pytest.raises(G.UsageError, match="expected an integer or 'auto'"):
+        G.parse_args(["--checkpoint_path", tiny_checkpoint, "--prompt", "x", "--gamma", "often"])
+
+
+def cache_bytes(cache):
+    """Bytes of a cache's K, V and a draft cache's entry positions [B, Hkv, N]: the buffers that grow with
+    rows and slots, which memory_plan accounts for (the rest is a few index vectors)."""
+    return sum(b.numel() * b.element_size() for n, b in cache.named_buffers()
+               if n.endswith((".k", ".v")) or (n.endswith(".slot_pos") and b.ndim == 3))
+
+
+@pytest.mark.parametrize("sa,attn", [
+    (None, "sdpa"), (None, "flash"),
+    (SpecArgs("self", gamma=3, draft_kv="streaming", draft_budget=24, sinks=4, gamma_max=5), "sdpa"),
+    (SpecArgs("self", gamma=2, draft_kv="snapkv", draft_budget=24), "flex"),
+    (SpecArgs("draft", gamma=2, draft_kv="streaming", draft_budget=24, sinks=4), "sdpa"),
+    (SpecArgs("draft", gamma=2, draft_kv="full"), "sdpa")])
+def test_memory_plan_is_what_the_engine_allocates(tiny, sa, attn):
+    """The one account of every cache: what the up-front check adds up is what the caches hold."""
+    target, draft = tiny
+    e = engine.Engine(target, 3, 112, sa=sa, draft_model=draft if sa is not None and sa.mode == "draft" else None,
+                      attn=attn)
+    plan = e.plan
+    assert plan["target cache"] == cache_bytes(e.cache)
+    assert plan["target scratch row"] == cache_bytes(e.scratch("target"))
+    if sa is not None:
+        assert plan["draft cache"] == cache_bytes(e.draft_cache)
+    if sa is not None and sa.mode == "draft":
+        assert plan["draft scratch row"] == cache_bytes(e.scratch("draft"))
+        if sa.draft_kv != "full":
+            full = e.full_cache(draft, 3, "draft full cache, while building the sparse one")
+            assert plan["draft full cache, while building the sparse one"] == cache_bytes(full)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import generate as G
-from generate import Engine, SpecArgs, generate
+from engine import Engine, SpecArgs, generate
 from checkpoint import load_model
 from spec import Sampling
 from tokenizer import load_tokenizer
@@ -43,7 +43,7 @@ def test_ragged_batch_equals_each_row_alone(smollm, essay_prompts, ar_tokens):
 
 def test_chunked_prefill_equals_one_pass(smollm, essay_prompts):
     model, _ = smollm
-    from generate import pad_prompts
+    from engine import pad_prompts
 
     tokens, lens = pad_prompts(essay_prompts, "cpu")
     outs = []
@@ -56,8 +56,8 @@ def test_chunked_prefill_equals_one_pass(smollm, essay_prompts):
 @pytest.mark.parametrize("kind,budget", [("streaming", 48), ("snapkv", 96)])
 def test_self_speculation_equals_autoregressive_on_smollm2(smollm, essay_prompts, ar_tokens, kind, budget):
     model, _ = smollm
-    sa = SpecArgs("self", 3, kind, budget, sinks=16, snapkv_window=16)
-    r = generate(Engine(model, 3, 256, sa, prefill_chunk=64), essay_prompts, 24, set(), Sampling())
+    sa = SpecArgs("self", gamma=3, draft_kv=kind, draft_budget=budget, sinks=16, snapkv_window=16)
+    r = generate(Engine(model, 3, 256, sa=sa, prefill_chunk=64), essay_prompts, 24, set(), Sampling())
     assert r.tokens == ar_tokens
     assert 0.3 < r.acceptance < 1.0  # a real, imperfect draft
 

@@ -1,8 +1,11 @@
 # The prepared GPU check's CPU smoke mode: the same script and phases on tiny shapes, so that the
-# command a GPU run depends on cannot rot between the rare runs on a GPU.
+# command a GPU run depends on cannot rot between the rare runs on a GPU; and a shape that fails is
+# recorded while the check goes on.
 import json
 import os
 import subprocess
+
+from benchmarks import gpu_check
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -16,6 +19,10 @@ def test_gpu_check_smoke_writes_every_field(tmp_path, smollm2_dir):
     for key in ("device", "torch", "commit", "copy_bandwidth_GBps", "compile_s", "capture_s", "recompiles",
                 "predicted_speedup_8b", "attn_default"):
         assert key in rec, key
+    assert rec["failures"] == [] and all(p["ok"] for p in rec["preflight"]), rec["failures"]
+    steps = {"prefill chunk", "decode", "self-speculation draft setup", "draft", "verify", "refill",
+             "request stream (refills, rounds)", "speculative generation"}
+    assert {(p["attn"], p["step"]) for p in rec["preflight"]} == {(a, s) for a in ("sdpa", "flex") for s in steps}
     assert {(a["batch_size"], a["context"], a["attn"]) for a in rec["ar"]} == {(1, 256, "sdpa"), (1, 256, "flex"),
                                                                                 (4, 512, "sdpa"), (4, 512, "flex")}
     for row in rec["ar"]:
@@ -36,3 +43,20 @@ def test_gpu_check_smoke_writes_every_field(tmp_path, smollm2_dir):
     assert r.returncode == 0, r.stderr[-3000:]
     again = json.loads(out.read_text())
     assert again["ar"] == rec["ar"] and again["sd"] == rec["sd"] and len(again["runs"]) == 2
+
+
+def test_a_failing_shape_is_recorded_and_the_check_goes_on(tmp_path, monkeypatch):
+    real = gpu_check.ar_shape
+
+    def fails_at_batch_1(run, hw, model, name, B, S, attn):
+        if B == 1:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real(run, hw, model, name, B, S, attn)
+    monkeypatch.setattr(gpu_check, "ar_shape", fails_at_batch_1)
+    out = tmp_path / "gpu.json"
+    gpu_check.main(["--smoke", "--phases", "ar", "--backends", "sdpa", "--out", str(out)])
+    rec = json.loads(out.read_text())
+    assert [(r["batch_size"], r["context"]) for r in rec["ar"]] == [(4, 512)]  # the next shape still ran
+    (failure,) = rec["failures"]
+    assert failure["what"] == "ar tiny B=1 S=256 sdpa" and "illegal memory access" in failure["error"]
+    assert "fails_at_batch_1" in failure["traceback"]

@@ -32,7 +32,7 @@ def reference(smollm2_dir, smollm2_gguf):
 
 def new_cache(model, max_seq_len):
     a = model.args
-    return KVCache(a.n_layer, 1, a.n_kv_head, max_seq_len, a.head_dim, torch.float32, "cpu")
+    return KVCache(a.n_layer, 1, a.n_kv_head, max_seq_len, a.head_dim, dtype=torch.float32, device="cpu")
 
 
 @pytest.fixture(scope="module")

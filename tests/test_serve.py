@@ -8,16 +8,16 @@ import torch
 from torch._dynamo.utils import counters
 
 import generate as G
-from generate import Engine, Request, SpecArgs, generate, pad_prompts, serve
+from engine import Engine, Request, SpecArgs, generate, pad_prompts, serve
 from spec import Sampling
 
 MAX_SEQ, SLOTS = 112, 4
 SETUPS = {
     "ar": None,
-    "self-streaming": SpecArgs("self", 3, "streaming", 24, sinks=4),
-    "self-snapkv": SpecArgs("self", 3, "snapkv", 24, snapkv_window=8),
-    "draft-streaming": SpecArgs("draft", 2, "streaming", 24, sinks=4, refresh=False),
-    "draft-full": SpecArgs("draft", 2, "full", refresh=False),
+    "self-streaming": SpecArgs("self", gamma=3, draft_kv="streaming", draft_budget=24, sinks=4),
+    "self-snapkv": SpecArgs("self", gamma=3, draft_kv="snapkv", draft_budget=24, snapkv_window=8),
+    "draft-streaming": SpecArgs("draft", gamma=2, draft_kv="streaming", draft_budget=24, sinks=4, refresh=False),
+    "draft-full": SpecArgs("draft", gamma=2, draft_kv="full", refresh=False),
 }
 
 
@@ -42,9 +42,9 @@ def test_every_request_gets_the_tokens_it_gets_alone(tiny, setup):
     sa = SETUPS[setup]
     draft = draft if sa is not None and sa.mode == "draft" else None
     requests = stream(target.args.vocab_size)
-    finished, totals = run_stream(Engine(target, SLOTS, MAX_SEQ, sa, draft), requests)
+    finished, totals = run_stream(Engine(target, SLOTS, MAX_SEQ, sa=sa, draft_model=draft), requests)
     assert sorted(r.id for r, _ in finished) == sorted(r.id for r in requests)  # each once
-    alone = Engine(target, 1, MAX_SEQ, sa, draft)
+    alone = Engine(target, 1, MAX_SEQ, sa=sa, draft_model=draft)
     for req, rec in finished:
         want = generate(alone, [req.prompt], req.max_new_tokens, {0}, Sampling()).tokens[0]
         assert rec["tokens"] == want, req.id
@@ -60,13 +60,13 @@ def test_every_request_gets_the_tokens_it_gets_alone(tiny, setup):
 @pytest.mark.parametrize("kind", ["streaming", "snapkv"])
 def test_refilled_row_holds_what_a_fresh_build_holds(tiny, kind):
     target, _ = tiny
-    sa = SpecArgs("self", 3, kind, 24, sinks=4, snapkv_window=8)
+    sa = SpecArgs("self", gamma=3, draft_kv=kind, draft_budget=24, sinks=4, snapkv_window=8)
     requests = stream(target.args.vocab_size, n=6, seed=4)
-    engine = Engine(target, SLOTS, MAX_SEQ, sa)
+    engine = Engine(target, SLOTS, MAX_SEQ, sa=sa)
     run_stream(engine, requests[:5])  # every row has held other prompts and decoded over them
     row, prompt = 2, requests[5].prompt
     engine.refill(row, prompt)
-    fresh = Engine(target, 1, MAX_SEQ, sa)
+    fresh = Engine(target, 1, MAX_SEQ, sa=sa)
     tokens, lens = pad_prompts([prompt], "cpu")
     fresh.prefill(tokens, lens)
     fresh.setup_draft(tokens, lens)
@@ -100,9 +100,10 @@ class CyclingPlanner:
 def test_gamma_auto_replans_from_the_active_rows(tiny):
     target, _ = tiny
     planner = CyclingPlanner()
-    sa = SpecArgs("self", 2, "streaming", 24, sinks=4, gamma_max=4, adapt_every=1, planner=planner)
+    sa = SpecArgs("self", gamma=2, draft_kv="streaming", draft_budget=24, sinks=4, gamma_max=4, adapt_every=1,
+                  planner=planner)
     requests = stream(target.args.vocab_size, n=8, seed=7)
-    finished, _ = run_stream(Engine(target, SLOTS, MAX_SEQ, sa), requests)
+    finished, _ = run_stream(Engine(target, SLOTS, MAX_SEQ, sa=sa), requests)
     alone = Engine(target, 1, MAX_SEQ)
     for req, rec in finished:
         assert rec["tokens"] == generate(alone, [req.prompt], req.max_new_tokens, {0}, Sampling()).tokens[0], req.id
@@ -112,12 +113,12 @@ def test_gamma_auto_replans_from_the_active_rows(tiny):
 def test_sampled_stream_is_reproducible(tiny):
     target, _ = tiny
     s = Sampling(temperature=1.0, top_k=20)
-    sa = SpecArgs("self", 3, "streaming", 24, sinks=4)
+    sa = SpecArgs("self", gamma=3, draft_kv="streaming", draft_budget=24, sinks=4)
     runs = []
     for _ in range(2):
         torch.manual_seed(11)
         finished = []
-        serve(Engine(target, SLOTS, MAX_SEQ, sa), stream(target.args.vocab_size, n=6, seed=8), {0}, s,
+        serve(Engine(target, SLOTS, MAX_SEQ, sa=sa), stream(target.args.vocab_size, n=6, seed=8), {0}, s,
               lambda req, rec: finished.append((req.id, rec["tokens"])))
         runs.append(finished)
     assert runs[0] == runs[1] and len(runs[0]) == 6
@@ -125,8 +126,8 @@ def test_sampled_stream_is_reproducible(tiny):
 
 def test_warm_stream_compiles_nothing_new(tiny):
     target, _ = tiny
-    sa = SpecArgs("self", 3, "streaming", 24, sinks=4)
-    engine = Engine(target, SLOTS, MAX_SEQ, sa, compile=True, prefill_chunk=32, backend="aot_eager")
+    sa = SpecArgs("self", gamma=3, draft_kv="streaming", draft_budget=24, sinks=4)
+    engine = Engine(target, SLOTS, MAX_SEQ, sa=sa, compile=True, prefill_chunk=32, backend="aot_eager")
     run_stream(engine, stream(target.args.vocab_size, n=6, seed=5))  # warm-up
     graphs = counters["stats"]["unique_graphs"]
     with torch.compiler.set_stance("fail_on_recompile"):
@@ -156,22 +157,22 @@ def no_loading(monkeypatch):
     (['{"prompt": "' + "word " * 40 + '", "max_new_tokens": 8}'], "prompt tokens plus max_new_tokens 8 need"),
     ([""], "no requests"),
 ])
-def test_bad_request_files_refused_by_line(tmp_path, smollm2_dir, no_loading, capsys, lines, expected):
+def test_bad_request_files_refused_by_line(tmp_path, tiny_checkpoint, no_loading, capsys, lines, expected):
     f = tmp_path / "req.jsonl"
     f.write_text("\n".join(lines) + "\n")
     with pytest.raises(SystemExit) as e:
-        G.cli(["--checkpoint_path", smollm2_dir, "--requests", str(f), "--max_seq_len", "40"])
+        G.cli(["--checkpoint_path", tiny_checkpoint, "--requests", str(f), "--max_seq_len", "40"])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and "\n" not in err and "Traceback" not in err, err
     assert expected in err, err
 
 
-def test_unwritable_results_refused_before_work(tmp_path, smollm2_dir, no_loading, capsys):
+def test_unwritable_results_refused_before_work(tmp_path, tiny_checkpoint, no_loading, capsys):
     f = tmp_path / "req.jsonl"
     f.write_text('{"prompt": "hi"}\n')
     for results, expected in ((tmp_path / "missing" / "out.jsonl", "does not exist"), (tmp_path, "is a directory")):
         with pytest.raises(SystemExit) as e:
-            G.cli(["--checkpoint_path", smollm2_dir, "--requests", str(f), "--results", str(results)])
+            G.cli(["--checkpoint_path", tiny_checkpoint, "--requests", str(f), "--results", str(results)])
         assert e.value.code == 2 and expected in capsys.readouterr().err
 
 

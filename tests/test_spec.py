@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import spec
-from generate import Engine, SpecArgs, generate, pad_prompts
-from kv_cache import DraftCache, KVCache, snapkv_select
+from engine import Engine, Rows, SpecArgs, decode_round, generate, pad_prompts
+from kv_cache import DraftLayout, KVCache, snapkv_select
 from model import apply_rope
 from spec import Sampling, accept, accept_greedy, logits_to_probs
 
@@ -17,7 +17,7 @@ MAX_NEW, MAX_SEQ = 40, 112
 
 
 def run(target, prompts, sa=None, draft=None, eos=frozenset({0}), s=Sampling()):
-    return generate(Engine(target, len(prompts), MAX_SEQ, sa, draft), prompts, MAX_NEW, eos, s)
+    return generate(Engine(target, len(prompts), MAX_SEQ, sa=sa, draft_model=draft), prompts, MAX_NEW, eos, s)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ CASES = [(mode, kind, gamma, budget, refresh)
 @pytest.mark.parametrize("mode,kind,gamma,budget,refresh", CASES)
 def test_greedy_speculation_equals_autoregressive(tiny, tiny_prompts, ar, mode, kind, gamma, budget, refresh):
     target, draft = tiny
-    sa = SpecArgs(mode, gamma, kind, budget, sinks=4, snapkv_window=8, refresh=refresh)
+    sa = SpecArgs(mode, gamma=gamma, draft_kv=kind, draft_budget=budget, sinks=4, snapkv_window=8, refresh=refresh)
     r = run(target, tiny_prompts, sa, draft if mode == "draft" else None)
     assert r.tokens == ar
     # the budgets below the prompt lengths must exercise rejection, or this test proves little
@@ -51,9 +51,9 @@ def test_engine_reused_across_calls_gives_fresh_results(tiny, tiny_prompts, kind
     """An engine keeps its caches for the next generate() (CUDA graphs stay valid); whatever the last
     call left in them must not change the next one's tokens."""
     target, draft = tiny
-    sa = SpecArgs("draft", 3, kind, 24, sinks=4, snapkv_window=8, refresh=False)
+    sa = SpecArgs("draft", gamma=3, draft_kv=kind, draft_budget=24, sinks=4, snapkv_window=8, refresh=False)
     others = [p[::-1] for p in tiny_prompts[1:]] + [tiny_prompts[0] * 3]
-    engine = Engine(target, 3, MAX_SEQ, sa, draft)
+    engine = Engine(target, 3, MAX_SEQ, sa=sa, draft_model=draft)
     fresh = generate(engine, others, MAX_NEW, {0}, Sampling()).tokens
     generate(engine, tiny_prompts, MAX_NEW, {0}, Sampling())
     held = (engine.cache, engine.draft_cache)
@@ -63,13 +63,13 @@ def test_engine_reused_across_calls_gives_fresh_results(tiny, tiny_prompts, kind
 
 @pytest.mark.parametrize("mode", ["draft"])
 def test_standalone_draft_with_full_cache(tiny, tiny_prompts, ar, mode):
-    r = run(tiny[0], tiny_prompts, SpecArgs(mode, 3, "full", refresh=False), tiny[1])
+    r = run(tiny[0], tiny_prompts, SpecArgs(mode, gamma=3, draft_kv="full", refresh=False), tiny[1])
     assert r.tokens == ar and r.acceptance < 1.0
 
 
 @pytest.mark.parametrize("kind", ["streaming", "snapkv"])
 def test_budget_covering_the_sequence_accepts_every_draft(tiny, tiny_prompts, ar, kind):
-    sa = SpecArgs("self", 4, kind, MAX_SEQ + 8, sinks=4, snapkv_window=8, snapkv_recent=MAX_SEQ)
+    sa = SpecArgs("self", gamma=4, draft_kv=kind, draft_budget=MAX_SEQ + 8, sinks=4, snapkv_window=8, snapkv_recent=MAX_SEQ)
     r = run(tiny[0], tiny_prompts, sa)
     assert r.tokens == ar and r.acceptance == 1.0 and r.tokens_per_round > 4.5
 
@@ -81,8 +81,8 @@ def test_rows_stopping_early_at_eos(tiny, tiny_prompts, ar):
     eos = {ar[2][stop_at]}
     ref = run(target, tiny_prompts, eos=eos).tokens
     assert ref == [ar[0], ar[1], ar[2][: stop_at + 1]]
-    for sa, d in [(SpecArgs("self", 3, "streaming", 24, sinks=4), None),
-                  (SpecArgs("draft", 5, "snapkv", 48, 4, 8, refresh=False), draft)]:
+    for sa, d in [(SpecArgs("self", gamma=3, draft_kv="streaming", draft_budget=24, sinks=4), None),
+                  (SpecArgs("draft", gamma=5, draft_kv="snapkv", draft_budget=48, sinks=4, snapkv_window=8, refresh=False), draft)]:
         assert run(target, tiny_prompts, sa, d, eos=eos).tokens == ref
 
 
@@ -150,6 +150,26 @@ def test_greedy_is_exact_argmax():
     assert torch.equal(spec.next_token(logits, Sampling()), logits.argmax(-1))
 
 
+@pytest.mark.parametrize("drafts,target,n_accept,next_token", [
+    ([1, 2, 3], [1, 5, 3, 4], 1, 5),  # the second draft is rejected: the target's own token replaces it
+    ([1, 2, 3], [7, 2, 3, 4], 0, 7),  # the first is rejected: later matches count for nothing
+    ([1, 2, 3], [1, 2, 3, 4], 3, 4),  # all accepted: the bonus token follows the last draft
+    ([1, 2, 3], [1, 2, 9, 4], 2, 9),  # the last is rejected
+])
+def test_greedy_acceptance_literal_cases(drafts, target, n_accept, next_token):
+    """The rule as literal cases state it: one row; target[i] is the target's argmax after the prompt
+    and the first i drafts."""
+    n, nxt = accept_greedy(torch.tensor([target]), torch.tensor([drafts]))
+    assert (n.item(), nxt.item()) == (n_accept, next_token)
+
+
+def test_greedy_acceptance_rows_are_independent():
+    drafts = torch.tensor([[1, 2, 3], [1, 2, 3], [1, 2, 3]])
+    target = torch.tensor([[1, 5, 3, 4], [7, 2, 3, 4], [1, 2, 3, 4]])
+    n, nxt = accept_greedy(target, drafts)
+    assert n.tolist() == [1, 0, 3] and nxt.tolist() == [5, 7, 4]
+
+
 def test_greedy_acceptance_is_the_one_hot_case_of_rejection_sampling():
     """accept_greedy (argmaxes only) == accept() on one-hot p and q, on drafts that match the
     target's argmax for a random number of leading positions."""
@@ -168,22 +188,22 @@ def test_greedy_acceptance_is_the_one_hot_case_of_rejection_sampling():
 
 def _run_rounds(target, prompts, sa, n_rounds):
     """Prefill, fill the draft cache, run n_rounds greedy rounds; -> (target cache, draft cache, pos)."""
-    engine = Engine(target, len(prompts), MAX_SEQ, sa, prefill_chunk=16)
+    engine = Engine(target, len(prompts), MAX_SEQ, sa=sa, prefill_chunk=16)
     tokens, lens = pad_prompts(prompts, "cpu")
     first = engine.prefill(tokens, lens).argmax(-1)
     engine.setup_draft(tokens, lens)
-    last2 = torch.stack([tokens.gather(1, (lens - 1)[:, None])[:, 0], first], 1)
-    pos = lens.clone()
+    B, no_eos = len(prompts), torch.tensor([-1])
+    rows = Rows.empty(B, n_rounds * (sa.gamma + 1) + 1, sa.gamma + 1, "cpu")
+    rows.start(torch.arange(B), lens, tokens.gather(1, (lens - 1)[:, None])[:, 0], first,
+               torch.full((B,), rows.out.shape[1]), no_eos)
     for _ in range(n_rounds):
-        emitted, n_emit = spec.speculate_round(engine, last2, pos, sa.gamma, Sampling())
-        last2 = torch.cat([last2, emitted], 1).gather(1, n_emit[:, None] + torch.arange(2))
-        pos = pos + n_emit
-    return engine.cache, engine.draft_cache, pos
+        decode_round(engine, rows, sa.gamma, Sampling(), no_eos)
+    return engine.cache, engine.draft_cache, rows.pos
 
 
 @pytest.mark.parametrize("n_rounds", [0, 5])
 def test_streaming_cache_holds_sinks_plus_last_window(tiny, tiny_prompts, n_rounds):
-    sa = SpecArgs("self", 3, "streaming", 24, sinks=4)
+    sa = SpecArgs("self", gamma=3, draft_kv="streaming", draft_budget=24, sinks=4)
     cache, dc, pos = _run_rounds(tiny[0], tiny_prompts, sa, n_rounds)
     for layer, (d, full) in enumerate(zip(dc.layers, cache.layers)):
         # what a query at each row's next position p sees, before it writes its own entry at p
@@ -208,7 +228,7 @@ def _reference_snapkv(target, prompts, n_keep, recent, obs=8):
         T = len(prompt)
         inputs = []
         hooks = [l.attention_norm.register_forward_hook(lambda m, i, o: inputs.append(o)) for l in target.layers]
-        cache = KVCache(3, 1, 2, T, 16, torch.float32, "cpu")
+        cache = KVCache(3, 1, 2, T, 16, dtype=torch.float32, device="cpu")
         target(torch.tensor([prompt]), torch.arange(T)[None], cache)
         for h in hooks:
             h.remove()
@@ -236,7 +256,7 @@ def _reference_snapkv(target, prompts, n_keep, recent, obs=8):
 
 def test_snapkv_keeps_what_a_direct_computation_selects(tiny, tiny_prompts):
     target, prompts = tiny[0], tiny_prompts
-    sa = SpecArgs("self", 3, "snapkv", 40, snapkv_window=8, snapkv_recent=12)
+    sa = SpecArgs("self", gamma=3, draft_kv="snapkv", draft_budget=40, snapkv_window=8, snapkv_recent=12)
     _, dc, _ = _run_rounds(target, prompts, sa, 0)
     ref = _reference_snapkv(target, prompts, n_keep=28, recent=12)
     for b in range(len(prompts)):
@@ -257,13 +277,13 @@ def test_snapkv_select_pads_when_prefix_is_short():
 
 def test_draft_cache_refuses_budget_not_above_sinks():
     with pytest.raises(ValueError, match="larger than --sinks"):
-        DraftCache("streaming", 1, 1, 1, 4, 16, 3, torch.float32, "cpu", sinks=16)
+        DraftLayout.of("streaming", 16, 3, sinks=16)
 
 
 def test_snapkv_window_longer_than_the_prompts_observes_from_their_start(tiny, tiny_prompts):
     """A window of a million observes the longest prompt whole, as a window of its length does (and
     does not run a million-token observation pass)."""
-    caches = [_run_rounds(tiny[0], tiny_prompts, SpecArgs("self", 3, "snapkv", 40, snapkv_window=w), 0)[1]
-              for w in (10 ** 6, 61)]
+    setups = [SpecArgs("self", gamma=3, draft_kv="snapkv", draft_budget=40, snapkv_window=w) for w in (10 ** 6, 61)]
+    caches = [_run_rounds(tiny[0], tiny_prompts, sa, 0)[1] for sa in setups]
     for a, b in zip(caches[0].layers, caches[1].layers):
         assert torch.equal(a.slot_pos, b.slot_pos) and torch.equal(a.k, b.k)

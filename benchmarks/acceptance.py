@@ -1,7 +1,7 @@
 """Acceptance of self-speculation on real text: per-token acceptance and tokens per round for each
 draft cache kind and budget, with and without refreshing the draft window with the target's K/V.
 
-    python scripts/acceptance.py --rows 4 --prompt_len 4096 --new_tokens 128 --gamma 4 \
+    python -m benchmarks.acceptance --rows 4 --prompt_len 4096 --new_tokens 128 --gamma 4 \
         --json benchmarks/results/acceptance_smollm2.json
 
 Greedy decoding; every configuration is also checked token for token against autoregressive output.
@@ -13,9 +13,9 @@ import time
 
 import torch
 
-import benchlib
-from benchlib import NO_EOS
-from generate import DEFAULT_CHECKPOINT, Engine, SpecArgs, generate
+from benchmarks import common
+from benchmarks.common import NO_EOS
+from engine import Engine, SpecArgs, generate
 from checkpoint import load_model
 from spec import Sampling
 from tokenizer import load_tokenizer
@@ -23,8 +23,8 @@ from tokenizer import load_tokenizer
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint_path", default=os.path.join(benchlib.ROOT, DEFAULT_CHECKPOINT))
-    p.add_argument("--essays", default=benchlib.ESSAYS)
+    p.add_argument("--checkpoint_path", default=common.SMOLLM2)
+    p.add_argument("--essays", default=common.ESSAYS)
     p.add_argument("--device", default="cpu")
     p.add_argument("--rows", type=int, default=4, help="prompts, each from its own stretch of the essays")
     p.add_argument("--prompt_len", type=int, default=4096)
@@ -39,7 +39,7 @@ def main(argv=None):
     a = p.parse_args(argv)
 
     model = load_model(a.checkpoint_path, a.device, getattr(torch, a.dtype))
-    prompts = benchlib.essay_prompts(load_tokenizer(a.checkpoint_path), a.rows, a.prompt_len, a.essays)
+    prompts = common.essay_prompts(load_tokenizer(a.checkpoint_path), a.rows, a.prompt_len, a.essays)
     max_seq = a.prompt_len + a.new_tokens
     t = time.perf_counter()
     ar = generate(Engine(model, a.rows, max_seq), prompts, a.new_tokens, NO_EOS, Sampling()).tokens
@@ -50,8 +50,9 @@ def main(argv=None):
         for budget in a.budgets:
             for recent in (a.snapkv_recent if kind == "snapkv" else [0]):
                 for refresh in a.refresh:
-                    sa = SpecArgs("self", a.gamma, kind, budget, snapkv_recent=recent, refresh=bool(refresh))
-                    r = generate(Engine(model, a.rows, max_seq, sa), prompts, a.new_tokens, NO_EOS, Sampling())
+                    sa = SpecArgs("self", gamma=a.gamma, draft_kv=kind, draft_budget=budget, snapkv_recent=recent,
+                                  refresh=bool(refresh))
+                    r = generate(Engine(model, a.rows, max_seq, sa=sa), prompts, a.new_tokens, NO_EOS, Sampling())
                     row = dict(draft_kv=kind, budget=budget, snapkv_recent=recent or (budget // 2 if kind == "snapkv" else None),
                                refresh=bool(refresh), acceptance=r.acceptance, tokens_per_round=r.tokens_per_round,
                                equals_autoregressive=r.tokens == ar)
@@ -60,7 +61,7 @@ def main(argv=None):
                           f"{r.tokens_per_round:9.2f} {str(row['equals_autoregressive']):>5}", flush=True)
     if a.json:
         sa = SpecArgs()
-        benchlib.write_json(a.json, dict(env=benchlib.environment(a.device), model=a.checkpoint_path, rows=a.rows,
+        common.write_json(a.json, dict(env=common.environment(a.device), model=a.checkpoint_path, rows=a.rows,
                                          prompt_len=a.prompt_len, new_tokens=a.new_tokens, gamma=a.gamma, dtype=a.dtype,
                                          sinks=sa.sinks, snapkv_window=sa.snapkv_window, text="PaulGrahamEssays",
                                          results=results))

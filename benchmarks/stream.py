@@ -1,28 +1,30 @@
 """A stream of requests through a fixed number of slots: static batches against continuous batching,
 autoregressive and speculative.
 
-    python scripts/bench_stream.py [--requests 32] [--slots 8] [--prompt_lens 1024,4096] [--new_tokens 32,512]
+    python -m benchmarks.stream [--requests 32] [--slots 8] [--prompt_lens 1024,4096] [--new_tokens 32,512]
 
 Requests are essay stretches with prompt lengths and max_new_tokens drawn uniformly from the given
 ranges (--seed, recorded). Every request arrives at the start. Four ways to serve them, each once
 per cycle (--cycles), in turn, on one engine per mode:
   ar-static, sd-static            waves of --slots requests (generate()); a wave runs until its
                                   slowest row is done, each row stopping at its own max_new_tokens
-  ar-continuous, sd-continuous    generate.serve(): a finished request's slot takes the next one
+  ar-continuous, sd-continuous    engine.serve(): a finished request's slot takes the next one
 Throughput is generated tokens (and requests) over the wall time of the whole stream, prefill
 included. Ratios are taken within a cycle, then the median over cycles. The JSON keeps each run's
 finish timeline (seconds, cumulative tokens) for plot.py's throughput-over-time plot.
 """
 import argparse
+import os
 import random
 import statistics
 import time
 
-import benchlib  # noqa: F401  (puts the repository on sys.path)
 import torch
 
-from benchlib import NO_EOS, RESULTS, cpu_counters, cpu_stolen_since, environment, essay_prompts, write_json
-from generate import Engine, Request, SpecArgs, generate, serve, sync
+from benchmarks import common
+
+from benchmarks.common import NO_EOS, RESULTS, cpu_counters, cpu_stolen_since, environment, essay_prompts, write_json
+from engine import Engine, Request, SpecArgs, generate, serve, sync
 from checkpoint import load_model
 from spec import Sampling
 from tokenizer import load_tokenizer
@@ -79,8 +81,8 @@ def stream_benchmark(model, requests, slots, sa, s, compile, cycles, modes=MODES
                      backend="inductor"):
     """The four modes over the same requests, cycles times -> records and the ratios of each cycle."""
     max_seq_len = max(len(r.prompt) + r.max_new_tokens for r in requests)
-    engines = {"ar": Engine(model, slots, max_seq_len, None, attn=attn, compile=compile, backend=backend),
-               "sd": Engine(model, slots, max_seq_len, sa, attn=attn, compile=compile, backend=backend)}
+    engines = {"ar": Engine(model, slots, max_seq_len, sa=None, attn=attn, compile=compile, backend=backend),
+               "sd": Engine(model, slots, max_seq_len, sa=sa, attn=attn, compile=compile, backend=backend)}
     warm = [Request(-1, r.prompt[:16], sa.gamma + 3) for r in requests[:slots + 1]]
     t = time.perf_counter()
     for mode in modes:  # compiles (and captures) every step each mode uses, on short prompts
@@ -108,8 +110,7 @@ def stream_benchmark(model, requests, slots, sa, s, compile, cycles, modes=MODES
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint_path", default=benchlib.os.path.join(benchlib.ROOT, "checkpoints", "HuggingFaceTB",
-                                                                      "SmolLM2-135M-Instruct"))
+    p.add_argument("--checkpoint_path", default=common.SMOLLM2)
     p.add_argument("--requests", type=int, default=32)
     p.add_argument("--slots", type=int, default=8)
     p.add_argument("--prompt_lens", default="1024,4096", help="lo,hi: prompt lengths drawn uniformly")
@@ -123,6 +124,7 @@ def main(argv=None):
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--attn", default="sdpa", choices=["sdpa", "flex"])
+    p.add_argument("--backend", default="inductor", help="torch.compile backend (aot_eager: the GPU check's smoke mode)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -130,13 +132,13 @@ def main(argv=None):
     lo_hi = [tuple(int(x) for x in r.split(",")) for r in (args.prompt_lens, args.new_tokens)]
     requests = make_requests(tokenizer, args.requests, *lo_hi, args.seed)
     model = load_model(args.checkpoint_path, device, dtype)
-    sa = SpecArgs("self", args.gamma, "streaming", args.draft_budget)
+    sa = SpecArgs("self", gamma=args.gamma, draft_kv="streaming", draft_budget=args.draft_budget)
     runs, ratios, warmup_s = stream_benchmark(model, requests, args.slots, sa, Sampling(), args.compile, args.cycles,
-                                              args.modes.split(","), args.attn)
+                                              args.modes.split(","), args.attn, backend=args.backend)
     for name, r in ratios.items():
         if r:
             print(f"{name}: {r['median']:.2f} (cycles: {', '.join(f'{x:.2f}' for x in r['cycles'])})")
-    path = args.json or benchlib.os.path.join(RESULTS, f"stream-{args.device}-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    path = args.json or os.path.join(RESULTS, f"stream-{args.device}-{time.strftime('%Y%m%d-%H%M%S')}.json")
     write_json(path, dict(environment(device), settings=vars(args), warmup_s=warmup_s,
                           request_lens=[[len(r.prompt), r.max_new_tokens] for r in requests], runs=runs, ratios=ratios))
 

@@ -1,7 +1,8 @@
-# What every benchmark script shares: where the repository is, the environment record, atomic JSON
+# What every benchmark script shares (each runs as a module from the repository root, e.g.
+# `python -m benchmarks.sweep`, so the engine's files import as they are): where the repository is, the environment record, atomic JSON
 # output, essay prompts, random-weight models of named shapes, CPU steal-time counters, and one
 # timed engine run rated by wall time and at its median step. The one timing helper is
-# costmodel.median_time; the one definition of decode tokens/s is generate.Result.tokens_per_s.
+# costmodel.median_time; the one definition of decode tokens/s is engine.Result.tokens_per_s.
 import datetime
 import json
 import os
@@ -12,16 +13,14 @@ import sys
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
+
+from checkpoint import DEFAULT_CHECKPOINT as SMOLLM2, write_atomic
+from engine import Result, device_name, generate
+from model import ModelArgs, Transformer, place
+from spec import Sampling
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-import torch  # noqa: E402
-
-from generate import Result, device_name, generate  # noqa: E402
-from checkpoint import write_atomic  # noqa: E402
-from model import ModelArgs, Transformer, place  # noqa: E402
-from spec import Sampling  # noqa: E402
-
 ESSAYS = os.path.join(ROOT, "data", "PaulGrahamEssays.json")
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 NO_EOS = {-1}  # an id no model emits: every row runs to max_new_tokens

@@ -7,7 +7,7 @@
 # time of each, the ratios compiled-cold / eager and compiled-warm / eager (the median over cycles
 # of the ratio within a cycle), and the decode tokens/s and prefill seconds each run reported in
 # its --json output (compilation happens within both).
-#   python scripts/bench_cold_start.py --repeats 3
+#   python -m benchmarks.cold_start --repeats 3
 import argparse
 import datetime
 import json
@@ -20,22 +20,21 @@ import time
 
 import torch
 
-import benchlib
-from generate import DEFAULT_CHECKPOINT
+from benchmarks import common
 
 CONFIGS = ("eager", "compiled_cold", "compiled_warm")
 
 
 def run_cli(args, compiled, cache_dir, out_json) -> dict:
     """One generate.py process, timed from start to exit; its own --json figures besides."""
-    cmd = [sys.executable, os.path.join(benchlib.ROOT, "generate.py"), "--checkpoint_path", args.checkpoint_path,
+    cmd = [sys.executable, os.path.join(common.ROOT, "generate.py"), "--checkpoint_path", args.checkpoint_path,
            "--prompt", args.prompt, "--speculate", "self", "--gamma", str(args.gamma),
            "--max_new_tokens", str(args.max_new_tokens), "--dtype", args.dtype, "--json", out_json]
     cmd += ["--compile"] if compiled else []
     # every compiler cache lives under the inductor cache directory (Triton's too, on a GPU)
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache_dir, TRITON_CACHE_DIR=os.path.join(cache_dir, "triton"))
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, cwd=benchlib.ROOT, env=env, capture_output=True, text=True)
+    p = subprocess.run(cmd, cwd=common.ROOT, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if p.returncode != 0:
         sys.exit(f"error: {' '.join(cmd)} failed ({p.returncode}):\n{p.stderr[-2000:]}")
@@ -47,7 +46,7 @@ def run_cli(args, compiled, cache_dir, out_json) -> dict:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Wall time of generate.py from a cold start: eager, compiled cold, compiled warm.")
-    p.add_argument("--checkpoint_path", default=os.path.join(benchlib.ROOT, DEFAULT_CHECKPOINT))
+    p.add_argument("--checkpoint_path", default=common.SMOLLM2)
     p.add_argument("--prompt", default="Once upon a time, in a small village by the sea,",
                    help="SmolLM2 continues this one past 64 tokens without an EOS")
     p.add_argument("--gamma", type=int, default=3)
@@ -72,7 +71,7 @@ def main(argv=None):
                for c, rs in runs.items()}
     ratios = {f"{c}_over_eager": [x["wall_s"] / e["wall_s"] for x, e in zip(runs[c], runs["eager"])] for c in CONFIGS[1:]}
     device = "cuda" if torch.cuda.is_available() else "cpu"  # generate.py's default
-    record = dict(env=benchlib.environment(device), settings=vars(args), runs=runs,
+    record = dict(env=common.environment(device), settings=vars(args), runs=runs,
                   median=summary, **{k: med(v) for k, v in ratios.items()}, **{f"{k}_runs": v for k, v in ratios.items()})
     for c in CONFIGS:
         s = summary[c]
@@ -80,8 +79,8 @@ def main(argv=None):
               f"medians), {s['tokens_per_s']:.1f} decode tokens/s")
     print(f"within cycles: compiled cold / eager {record['compiled_cold_over_eager']:.2f}, "
           f"compiled warm / eager {record['compiled_warm_over_eager']:.2f}")
-    path = args.json or os.path.join(benchlib.RESULTS, f"cold-start-{datetime.datetime.now():%Y%m%d-%H%M%S}.json")
-    benchlib.write_json(path, record)
+    path = args.json or os.path.join(common.RESULTS, f"cold-start-{datetime.datetime.now():%Y%m%d-%H%M%S}.json")
+    common.write_json(path, record)
 
 
 if __name__ == "__main__":

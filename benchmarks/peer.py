@@ -2,7 +2,7 @@
 # autoregressive decoding at batch 1 and at --ar_batch_sizes, and speculative decoding at batch 1,
 # where transformers' assisted generation runs (it takes one row): prompt lookup, early exit, and an
 # assistant model with --hf_assistant.
-#   python scripts/bench_peer.py --dtype bfloat16 --compile --prefixes 512,4096
+#   python -m benchmarks.peer --dtype bfloat16 --compile --prefixes 512,4096
 # Decode is timed apart from prefill on both sides: the engine times it itself; for transformers a
 # stopping criterion stamps the clock at every new token, so decode runs from the first token to the
 # last. The machine's speed drifts, so every configuration runs once per cycle, --repeats cycles, and
@@ -17,9 +17,9 @@ from typing import Optional
 
 import torch
 
-import benchlib
-from benchlib import engine_run, ints
-from generate import DEFAULT_CHECKPOINT, Engine, SpecArgs, sync
+from benchmarks import common
+from benchmarks.common import engine_run, ints
+from engine import Engine, SpecArgs, sync
 from checkpoint import load_model
 from tokenizer import load_tokenizer
 
@@ -63,20 +63,21 @@ def hf_generate(m: Method, prompts, n_new, device) -> dict:
         m.drafter.generation_config.num_assistant_tokens_schedule = "constant"
         m.drafter.generation_config.assistant_confidence_threshold = 0.0
     ids = torch.tensor(prompts, device=device)
-    start = benchlib.cpu_counters()
+    start = common.cpu_counters()
     out = m.hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new, min_new_tokens=n_new,
                         do_sample=False, pad_token_id=m.hf.generation_config.eos_token_id,
                         stopping_criteria=StoppingCriteriaList([Clock()]), **m.kwargs)
     (t_a, n_a), (t_b, n_b) = stamps[0], stamps[-1]
     steps = [b[0] - a[0] for a, b in zip(stamps, stamps[1:])]  # one per decode step or assisted round
     return dict(tokens=out[:, ids.shape[1]:].tolist(), tokens_per_s=len(prompts) * (n_b - n_a) / (t_b - t_a),
-                # as benchlib.median_step_tokens_per_s; meaningful for AR, where every step does the same work
+                # as common.median_step_tokens_per_s; meaningful for AR, where every step does the same work
                 tokens_per_s_median_step=len(prompts) * (n_b - n_a) / (len(steps) * statistics.median(steps)),
-                cpu_stolen=benchlib.cpu_stolen_since(start))
+                cpu_stolen=common.cpu_stolen_since(start))
 
 
 def engine_generate(m: Method, model, prompts, n_new, max_seq, args, warm) -> dict:
-    r = engine_run(Engine(model, len(prompts), max_seq, m.sa, m.draft_model, compile=args.compile), prompts, n_new, warm)
+    engine = Engine(model, len(prompts), max_seq, sa=m.sa, draft_model=m.draft_model, compile=args.compile)
+    r = engine_run(engine, prompts, n_new, warm)
     rec = dict(tokens=r.result.tokens, tokens_per_s=r.tokens_per_s, tokens_per_s_median_step=r.tokens_per_s_median_step,
                cpu_stolen=r.cpu_stolen)
     if m.sa is not None:
@@ -90,10 +91,12 @@ def methods(args, B, hf, hf_compiled, assistant, draft_model) -> list:
         ms.append(Method("transformers", "ar compiled", hf=hf_compiled,
                          kwargs=dict(cache_implementation="static", disable_compile=True)))
     for g in args.gammas if B == 1 else []:
-        ms += [Method("engine", f"self-spec {kind} b{budget} g{g}", SpecArgs("self", g, kind, budget))
+        ms += [Method("engine", f"self-spec {kind} b{budget} g{g}",
+                      SpecArgs("self", gamma=g, draft_kv=kind, draft_budget=budget))
                for kind in args.draft_kv for budget in args.budgets]
         if draft_model is not None:  # the counterpart of transformers' assistant model
-            ms.append(Method("engine", f"draft model g{g}", SpecArgs("draft", g, "full", refresh=False), draft_model))
+            ms.append(Method("engine", f"draft model g{g}", SpecArgs("draft", gamma=g, draft_kv="full", refresh=False),
+                             draft_model))
         ms.append(Method("transformers", f"prompt lookup g{g}", hf=hf, kwargs=dict(prompt_lookup_num_tokens=g)))
         ms += [Method("transformers", f"early exit L{n} g{g}", hf=hf, kwargs=dict(assistant_early_exit=n), drafter=hf,
                       gamma=g) for n in args.early_exit]
@@ -106,13 +109,13 @@ def methods(args, B, hf, hf_compiled, assistant, draft_model) -> list:
 def main(argv=None):
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description="This engine against transformers generate(): AR and speculative decoding.")
-    p.add_argument("--checkpoint_path", default=os.path.join(benchlib.ROOT, DEFAULT_CHECKPOINT))
+    p.add_argument("--checkpoint_path", default=common.SMOLLM2)
     p.add_argument("--hf_model", default=None, help="directory transformers loads (default: --checkpoint_path)")
     p.add_argument("--hf_gguf", default="SmolLM2-135M-Instruct.Q4_1.gguf",
                    help="GGUF file inside --hf_model ('' for a directory with safetensors)")
     p.add_argument("--hf_assistant", default=None, help="a transformers model directory to draft as assistant_model")
     p.add_argument("--draft_checkpoint_path", default=None, help="the same draft for this engine (--speculate draft)")
-    p.add_argument("--essays", default=benchlib.ESSAYS)
+    p.add_argument("--essays", default=common.ESSAYS)
     p.add_argument("--device", default="cuda" if cuda else "cpu")
     p.add_argument("--dtype", default="bfloat16" if cuda else "float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--compile", action="store_true", help="this engine's steps compiled, as generate.py --compile")
@@ -153,7 +156,7 @@ def main(argv=None):
     for S in args.prefixes:
         max_seq = S + N + max(args.gammas, default=0) + 1
         for B in sorted({1, *args.ar_batch_sizes}):
-            prompts = benchlib.essay_prompts(tok, B, S, args.essays)
+            prompts = common.essay_prompts(tok, B, S, args.essays)
             ms = methods(args, B, hf, hf_compiled, assistant, draft_model)
             runs = {(m.system, m.name): [] for m in ms}
             for cycle in range(args.repeats):
@@ -173,7 +176,7 @@ def main(argv=None):
                 rec = dict(prefix=S, batch_size=B, system=system, method=name, tokens_per_s=med(x["tokens_per_s"] for x in rs),
                            tokens_per_s_runs=[x["tokens_per_s"] for x in rs],
                            speedup_over_own_ar=paired(rs, runs[system, "ar"]), over_transformers_ar=paired(rs, hf_ar),
-                           cpu_stolen_runs=[x["cpu_stolen"] for x in rs], **benchlib.agreement(rs[0]["tokens"], ref))
+                           cpu_stolen_runs=[x["cpu_stolen"] for x in rs], **common.agreement(rs[0]["tokens"], ref))
                 if name.startswith("ar"):  # every AR step does the same work: the median step is the run's own speed
                     rec.update(tokens_per_s_median_step=med(x["tokens_per_s_median_step"] for x in rs),
                                over_transformers_ar_median_step=paired(rs, hf_ar, "tokens_per_s_median_step"))
@@ -202,9 +205,9 @@ def main(argv=None):
                                                                                     runs["transformers", t["method"]]))
             summary.append(line)
             print(", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in line.items()), flush=True)
-    env = dict(benchlib.environment(device), transformers=transformers.__version__)
-    path = args.json or os.path.join(benchlib.RESULTS, f"peer-{datetime.datetime.now():%Y%m%d-%H%M%S}.json")
-    benchlib.write_json(path, dict(env=env, settings=vars(args), results=results, summary=summary))
+    env = dict(common.environment(device), transformers=transformers.__version__)
+    path = args.json or os.path.join(common.RESULTS, f"peer-{datetime.datetime.now():%Y%m%d-%H%M%S}.json")
+    common.write_json(path, dict(env=env, settings=vars(args), results=results, summary=summary))
 
 
 if __name__ == "__main__":

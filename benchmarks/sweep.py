@@ -1,14 +1,14 @@
 # Speculative against autoregressive decoding over batch size x prefix length x draft budget x gamma
 # (fixed gammas, and --gamma auto as the CLI runs it), on essay prompts, greedy, no EOS stop:
-#   python scripts/bench_sweep.py --dtype bfloat16 --compile --batch_sizes 1,4,8 --prefixes 4096 --gammas 2,3,4,auto
+#   python -m benchmarks.sweep --dtype bfloat16 --compile --batch_sizes 1,4,8 --prefixes 4096 --gammas 2,3,4,auto
 # Per batch size and prefix: decode tokens/s, speedup over AR, acceptance, tokens per round; the step
 # ratios T_D/T_T and T_V/T_T measured on the engine's own steps and the speedup they predict, next to
-# the cost model's. One JSON (--json, default benchmarks/results/sweep-<time>.json) for scripts/plot.py.
+# the cost model's. One JSON (--json, default benchmarks/results/sweep-<time>.json) for benchmarks/plot.py.
 #
 # The machine's speed may drift 2-4x within minutes (shared cores), so every configuration runs
 # --repeats times in cycles over all of them; AR runs again after every speculative run, which is
 # compared with the mean of the AR runs either side of it; a run is rated at its median step or
-# round (benchlib.median_step_tokens_per_s); a configuration's speedup is the median over cycles.
+# round (common.median_step_tokens_per_s); a configuration's speedup is the median over cycles.
 # Wall-time figures and the share of CPU stolen from each run are recorded beside them. Every run
 # prefills anew; only decode is timed.
 import argparse
@@ -19,10 +19,10 @@ from dataclasses import dataclass
 
 import torch
 
-import benchlib
+from benchmarks import common
 import costmodel
-from benchlib import Run, engine_run, ints
-from generate import DEFAULT_CHECKPOINT, Engine, SpecArgs, pad_prompts
+from benchmarks.common import Run, engine_run, ints
+from engine import Engine, SpecArgs, pad_prompts
 from checkpoint import load_model
 from spec import Sampling
 from tokenizer import load_tokenizer
@@ -66,11 +66,13 @@ class Group:
 
 def spec_args(args, model, draft_model, c: Config, B, S, max_seq, dtype, gammas) -> SpecArgs:
     """As generate.py builds them, with one draft-cache shape (gamma_max) for every gamma."""
-    sa = SpecArgs(c.speculate, c.gamma, c.draft_kv, c.budget or 256, refresh=c.speculate == "self", gamma_max=max(gammas))
+    sa = SpecArgs(c.speculate, gamma=c.gamma, draft_kv=c.draft_kv, draft_budget=c.budget or 256,
+                  refresh=c.speculate == "self", gamma_max=max(gammas))
     if c.gamma == "auto":  # planned from a measurement of the device, calibrated and adapted in generate()
         sa.planner, sa.gamma, _, _ = costmodel.auto_plan(
-            model.args, B, max_seq, dtype, args.device, "auto", sa.draft_budget, (), S,
-            draft_model.args if c.speculate == "draft" else None, c.draft_kv == "full", args.compile, gammas)
+            model.args, B, max_seq, dtype=dtype, device=args.device, gamma="auto", budget=sa.draft_budget,
+            prompt_len=S, draft=draft_model.args if c.speculate == "draft" else None,
+            draft_full_cache=c.draft_kv == "full", compiled=args.compile, gammas=gammas)
         sa.adapt_every = ADAPT_EVERY
     return sa
 
@@ -88,9 +90,9 @@ def step_times(args, model, draft_model, mode, prompts, max_seq, pos, gammas) ->
     keys = list(args.budgets) + (["full"] if mode == "draft" and "full" in args.draft_kv else [])
     engines = {}
     for key in keys:
-        sa = SpecArgs(mode, max(gammas), "full" if key == "full" else "streaming", 256 if key == "full" else key,
-                      refresh=mode == "self")
-        engines[key] = Engine(model, B, max_seq, sa, draft_model, args.attn, args.compile)
+        sa = SpecArgs(mode, gamma=max(gammas), draft_kv="full" if key == "full" else "streaming",
+                      draft_budget=256 if key == "full" else key, refresh=mode == "self")
+        engines[key] = Engine(model, B, max_seq, sa=sa, draft_model=draft_model, attn=args.attn, compile=args.compile)
         engines[key].setup_draft(tokens, lens)  # cache contents do not change step times: no prefill needed
     at = torch.full((B,), pos, dtype=torch.long, device=device)
     cur, target = torch.ones_like(at), engines[keys[0]]
@@ -128,7 +130,7 @@ def sweep_group(args, model, draft_model, prompts, B, S, dtype) -> Group:
     modes = ["self"] + (["draft"] if draft_model is not None else [])
     configs = [Config(mode, kind, budget, g) for mode in modes for kind in args.draft_kv if mode == "draft" or kind != "full"
                for budget in ([0] if kind == "full" else args.budgets) for g in args.gammas]
-    ar_engine = Engine(model, B, max_seq, None, None, args.attn, args.compile)
+    ar_engine = Engine(model, B, max_seq, sa=None, draft_model=None, attn=args.attn, compile=args.compile)
     ar = [engine_run(ar_engine, prompts, N, warm=True)]
     print(f"AR B={B} S={S}: {ar[0].tokens_per_s:.2f} tok/s, {ar[0].tokens_per_s_median_step:.2f} at the median step")
     steps = {mode: step_times(args, model, draft_model if mode == "draft" else None, mode, prompts[:B], max_seq,
@@ -137,8 +139,8 @@ def sweep_group(args, model, draft_model, prompts, B, S, dtype) -> Group:
     for cycle in range(args.repeats):
         for c in configs:
             dm = draft_model if c.speculate == "draft" else None
-            engine = Engine(model, B, max_seq, spec_args(args, model, dm, c, B, S, max_seq, dtype, gammas), dm,
-                            args.attn, args.compile)
+            engine = Engine(model, B, max_seq, sa=spec_args(args, model, dm, c, B, S, max_seq, dtype, gammas), draft_model=dm,
+                            attn=args.attn, compile=args.compile)
             sd = engine_run(engine, prompts, N, warm=cycle == 0)
             del engine  # one speculative engine's caches at a time
             ar.append(engine_run(ar_engine, prompts, N))
@@ -163,7 +165,7 @@ def sweep_group(args, model, draft_model, prompts, B, S, dtype) -> Group:
                    speedup_runs=[p.speedup for p in ps], cpu_stolen_runs=[p.sd.cpu_stolen for p in ps],
                    acceptance=mean(p.sd.result.acceptance for p in ps),
                    tokens_per_round=mean(p.sd.result.tokens_per_round for p in ps),
-                   rounds=mean(p.sd.result.rounds for p in ps), **benchlib.agreement(ps[0].sd.result.tokens, ar[0].result.tokens))
+                   rounds=mean(p.sd.result.rounds for p in ps), **common.agreement(ps[0].sd.result.tokens, ar[0].result.tokens))
         if c.gamma == "auto":
             fixed = [r for r in sd if (r["speculate"], r["draft_kv"], r["budget"]) == (c.speculate, c.draft_kv, c.budget or None)]
             best = max(fixed, key=lambda r: r["speedup"])
@@ -208,9 +210,10 @@ def sweep_group(args, model, draft_model, prompts, B, S, dtype) -> Group:
     return Group(ar_rec, sd, auto, dict(batch_size=B, prefix=S, max_seq_len=max_seq, **steps), samples)
 
 
-def planner_for(rec, hw, model, draft_model, itemsize, gammas=tuple(range(1, 9))):
+def planner_for(rec, hw, model, draft_model, itemsize, gammas=costmodel.GAMMAS):
     return costmodel.Planner(hw, model.args, rec["batch_size"], rec["kv_slots_read"], itemsize,
-                             draft_model.args if rec["speculate"] == "draft" else None, rec["draft_kv"] == "full", gammas)
+                             draft=draft_model.args if rec["speculate"] == "draft" else None,
+                             draft_full_cache=rec["draft_kv"] == "full", gammas=gammas)
 
 
 def gamma_choices(sd, hw, model, draft_model, itemsize):
@@ -239,9 +242,9 @@ def gamma_choices(sd, hw, model, draft_model, itemsize):
 def main(argv=None):
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description="Speculative vs autoregressive decoding: batch x prefix x budget x gamma.")
-    p.add_argument("--checkpoint_path", default=os.path.join(benchlib.ROOT, DEFAULT_CHECKPOINT))
+    p.add_argument("--checkpoint_path", default=common.SMOLLM2)
     p.add_argument("--draft_checkpoint_path", default=None, help="also sweep this standalone draft model")
-    p.add_argument("--essays", default=benchlib.ESSAYS)
+    p.add_argument("--essays", default=common.ESSAYS)
     p.add_argument("--device", default="cuda" if cuda else "cpu")
     p.add_argument("--dtype", default="bfloat16" if cuda else "float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--compile", action="store_true", help="as generate.py --compile")
@@ -272,7 +275,7 @@ def main(argv=None):
     model = load_model(args.checkpoint_path, device, dtype)
     draft_model = load_model(args.draft_checkpoint_path, device, dtype) if args.draft_checkpoint_path else None
     hw = costmodel.measure_hardware(device, dtype, ops_per_layer=10 if args.compile else 40)
-    groups = [sweep_group(args, model, draft_model, benchlib.essay_prompts(tok, max(B, args.prompt_pool), S, args.essays),
+    groups = [sweep_group(args, model, draft_model, common.essay_prompts(tok, max(B, args.prompt_pool), S, args.essays),
                           B, S, dtype) for B in args.batch_sizes for S in args.prefixes]
     sd = [r for g in groups for r in g.sd]
     hw_fit = costmodel.fit_overhead(hw, [s for g in groups for s in g.samples])
@@ -281,8 +284,8 @@ def main(argv=None):
         r.update(model_t_draft_over_t_target=td, model_t_verify_over_t_target=tv,
                  model_speedup=costmodel.speedup(r["acceptance"], r["gamma"], td, tv))
     choices = gamma_choices(sd, hw_fit, model, draft_model, dtype.itemsize)
-    path = args.json or os.path.join(benchlib.RESULTS, f"sweep-{datetime.datetime.now():%Y%m%d-%H%M%S}.json")
-    benchlib.write_json(path, dict(env=benchlib.environment(device), settings=vars(args), ar=[g.ar for g in groups], sd=sd,
+    path = args.json or os.path.join(common.RESULTS, f"sweep-{datetime.datetime.now():%Y%m%d-%H%M%S}.json")
+    common.write_json(path, dict(env=common.environment(device), settings=vars(args), ar=[g.ar for g in groups], sd=sd,
                                    gamma_auto=[r for g in groups for r in g.auto], steps=[g.steps for g in groups],
                                    gamma_choices=choices, costmodel=dict(measured=vars(hw), fitted=vars(hw_fit))))
 

@@ -1,11 +1,11 @@
-# PNGs from scripts/bench_sweep.py JSONs, a scripts/acceptance.py JSON (acceptance only) or a
-# scripts/bench_stream.py JSON (the stream only):
+# PNGs from benchmarks/sweep.py JSONs, a benchmarks/acceptance.py JSON (acceptance only) or a
+# benchmarks/stream.py JSON (the stream only):
 #   speedup_vs_batch.png       best SD speedup over AR against batch size, one line per prefix length
 #   acceptance_vs_budget.png   acceptance per draft token against draft budget, StreamingLLM vs SnapKV
 #   predicted_vs_measured.png  speedup predicted from measured step ratios and acceptance against measured
 #   stream_throughput.png      tokens finished over time: static waves and continuous batching, AR and SD
 # Needs matplotlib (pip install matplotlib), which only this script and its test use.
-#   python scripts/plot.py benchmarks/results/sweep-<time>.json [more sweep JSONs] [--out benchmarks/plots]
+#   python -m benchmarks.plot benchmarks/results/sweep-<time>.json [more sweep JSONs] [--out benchmarks/plots]
 # Several sweep JSONs (one per batch size and prefix, say) are plotted together, titled by the first.
 import argparse
 import glob
