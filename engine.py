@@ -18,7 +18,7 @@ import torch
 
 import costmodel
 import spec
-from kv_cache import DraftCache, DraftLayout, KVCache, check_fits, full_slots, kv_bytes, snapkv_scores
+from kv_cache import DraftCache, DraftLayout, KVCache, Reselect, check_fits, full_slots, kv_bytes, snapkv_scores
 from model import ModelArgs, Transformer, run_block
 from spec import Sampling
 
@@ -36,6 +36,8 @@ class SpecArgs:
     snapkv_window: int = 32  # observation window: the prompt's last queries that score the prefix
     snapkv_recent: int = 0  # recent positions the SnapKV draft keeps besides its picks (0: budget // 2)
     refresh: bool = True  # self-speculation: copy the target's verified K/V into the draft cache
+    reselect: int = 0  # self-speculation: every this many rounds a scored verify re-picks the draft's fixed entries
+    reselect_policy: Reselect = Reselect()  # which verify queries score, and how (kv_cache.Reselect)
     gamma_max: int = 0  # largest gamma any round may use: sizes the draft ring (0: gamma)
     adapt_every: int = 0  # > 0: re-choose gamma every this many rounds from the measured acceptance of each row
     planner: object = None  # costmodel.Planner that re-chooses gamma (with adapt_every)
@@ -46,6 +48,10 @@ class SpecArgs:
 
     def draft_layout(self) -> DraftLayout:
         return DraftLayout.of(self.draft_kv, self.draft_budget, self.ring_gamma, self.sinks, self.snapkv_recent)
+
+    def scored(self, rounds_done: int) -> bool:
+        """Whether the next round's verify is a scored one: every reselect-th round."""
+        return self.reselect > 0 and (rounds_done + 1) % self.reselect == 0
 
 
 @dataclass
@@ -103,6 +109,9 @@ def memory_plan(target: ModelArgs, *, batch: int, max_seq_len: int, itemsize: in
                 plan["draft scratch row"] = full(d, 1)
     tokens = batch * (sa.ring_gamma + 1 if sa.mode != "none" else 1)
     plan["logits"] = 3 * tokens * target.vocab_size * 4  # fp32 logits, probabilities, the acceptance test's copies
+    if sa.reselect:  # a scored verify's attention weights over the whole cache (products, fp32 softmax), one layer's
+        plan["scored verify's attention weights"] = tokens * target.n_head // world * full_slots(max_seq_len, attn) \
+            * (itemsize + 8)
     if weights_on_device:
         for name, a in (("target weights", target), ("draft weights", draft)):
             if a is not None:
@@ -192,7 +201,8 @@ class Engine:
                 self.draft_cache = DraftCache(sa.draft_layout(), self.draft_model.args.n_layer, batch_size,
                                               heads.n_kv_head, heads.head_dim,
                                               dtype=self.draft_model.tok_embeddings.weight.dtype, device=self.device,
-                                              attn=attn, q_per_kv=heads.n_head // heads.n_kv_head)
+                                              attn=attn, q_per_kv=heads.n_head // heads.n_kv_head,
+                                              policy=sa.reselect_policy)
         self.refresh = sa.mode == "self" and sa.refresh
         if compile:
             options = None
@@ -252,10 +262,13 @@ class Engine:
         return self.run(("draft", s), lambda t, p: spec.draft_step(self.draft_model, self.draft_cache, t, p, s,
                                                                    self.block), tokens, input_pos)
 
-    def verify(self, cur, drafts, q, pos, s: Sampling):
+    def verify(self, cur, drafts, q, pos, s: Sampling, scored: bool = False):
+        """scored: a scored verify, which also re-picks the draft cache's fixed entries (--draft_reselect)."""
         refresh = self.draft_cache if self.refresh else None
-        return self.run(("verify", s), lambda c, d, q_, p: spec.verify_step(self.model, self.cache, c, d, q_, p, s,
-                                                                             refresh, self.block), cur, drafts, q, pos)
+        reselect = self.draft_cache if scored else None
+        return self.run(("verify", s, scored), lambda c, d, q_, p: spec.verify_step(
+            self.model, self.cache, c, d, q_, p, s, refresh=refresh, reselect=reselect, block=self.block),
+            cur, drafts, q, pos)
 
     @torch.no_grad()
     def prefill(self, tokens, prompt_lens, model=None, cache=None, progress=None):
@@ -382,9 +395,10 @@ def autoregressive_round(engine: Engine, rows: Rows, s: Sampling):
     return emitted, torch.ones_like(rows.n_gen)
 
 
-def speculative_round(engine: Engine, rows: Rows, gamma: int, s: Sampling):
-    """gamma draft steps, then one verify step, for every row -> emitted [B, gamma+1] (the first
-    n_emit of each row are new tokens) and n_emit = n_accept + 1 [B].
+def speculative_round(engine: Engine, rows: Rows, gamma: int, s: Sampling, scored: bool = False):
+    """gamma draft steps, then one verify step (scored: one that also re-picks the draft cache's
+    fixed entries), for every row -> emitted [B, gamma+1] (the first n_emit of each row are new
+    tokens) and n_emit = n_accept + 1 [B].
 
     The draft must hold every position < pos before drafting. If the last round accepted all its
     drafts, the draft never saw the last one: without refresh the first draft step re-feeds the
@@ -408,18 +422,18 @@ def speculative_round(engine: Engine, rows: Rows, gamma: int, s: Sampling):
         if qs is not None:
             qs[:, i] = q
         tokens, input_pos = drafts[:, i: i + 1].contiguous(), (pos + i + 1)[:, None]
-    n_accept, next_token = engine.verify(last2[:, 1].contiguous(), drafts, qs, pos, s)
+    n_accept, next_token = engine.verify(last2[:, 1].contiguous(), drafts, qs, pos, s, scored)
     emitted = torch.cat([drafts, drafts[:, :1]], 1).scatter(1, n_accept[:, None], next_token[:, None])
     return emitted, n_accept + 1
 
 
-def decode_round(engine: Engine, rows: Rows, gamma: int, s: Sampling, eos) -> None:
+def decode_round(engine: Engine, rows: Rows, gamma: int, s: Sampling, eos, scored: bool = False) -> None:
     """One round of either kind for every row, then its bookkeeping: the one place where a round
     happens, for static batches and request streams alike. Updates rows in place."""
     if engine.sa.mode == "none":
         emitted, n_emit = autoregressive_round(engine, rows, s)
     else:
-        emitted, n_emit = speculative_round(engine, rows, gamma, s)
+        emitted, n_emit = speculative_round(engine, rows, gamma, s, scored)
         n_acc = n_emit - 1
         rows.stats += torch.stack([n_acc, torch.clamp(n_emit, max=gamma), torch.ones_like(n_acc)]) * (~rows.done)
     n_emit = torch.where(rows.done, 0, n_emit)
@@ -448,6 +462,9 @@ def calibrate_gamma(engine: Engine, pos, s: Sampling) -> int:
     q = None if s.temperature == 0 else torch.nn.functional.one_hot(drafts, V).float()
     t_t = costmodel.median_time(lambda: engine.decode(cur, pos, s), pos.device, 3)
     t_v = costmodel.median_time(lambda: engine.verify(cur, drafts, q, pos, s), pos.device, 3)
+    if sa.reselect:  # one verify in reselect is a scored one: the planner sees the mean cost
+        t_scored = costmodel.median_time(lambda: engine.verify(cur, drafts, q, pos, s, scored=True), pos.device, 3)
+        t_v += (t_scored - t_v) / sa.reselect
     t_d = costmodel.median_time(lambda: engine.draft(cur[:, None], pos[:, None], s), pos.device, 3)
     times = [t_t, t_v, t_d]
     if torch.distributed.is_initialized():
@@ -505,7 +522,7 @@ def generate(engine: Engine, prompts: list, max_new_tokens, eos_ids, s: Sampling
     rounds, gammas, marks = 0, [], []
     while not bool(rows.done.all()):  # the one host sync per step/round
         marks.append(time.perf_counter())
-        decode_round(engine, rows, gamma, s, eos)
+        decode_round(engine, rows, gamma, s, eos, sa.scored(rounds))
         gammas.append(gamma)
         rounds += 1
         if sa.adapt_every and rounds % sa.adapt_every == 0:
@@ -559,7 +576,7 @@ def serve(engine: Engine, requests: list, eos_ids, s: Sampling, on_finish) -> di
         if sa.planner is not None and not calibrated:
             gamma, calibrated = calibrate_gamma(engine, rows.pos, s), True
         # some slot is busy here; a row done at its first token just idles through this round
-        decode_round(engine, rows, gamma, s, eos)
+        decode_round(engine, rows, gamma, s, eos, sa.scored(rounds))
         rounds += 1
         if sa.adapt_every and rounds % sa.adapt_every == 0:
             gamma = replan(engine, rows) or gamma

@@ -94,6 +94,10 @@ def parse_args(argv=None):
                    help="SnapKV recent window kept during decode, >= 0 (0: budget/2)")
     p.add_argument("--draft_refresh", action=argparse.BooleanOptionalAction, default=True,
                    help="self-speculation: copy the target's verified K/V into the draft cache")
+    p.add_argument("--draft_reselect", type=int, default=0, metavar="R",
+                   help="self-speculation: every R rounds (>= 0, 0: never) a scored verify re-picks the draft cache's "
+                        "fixed entries (SnapKV's picks, or StreamingLLM's sink slots) as the positions the target's "
+                        "verify queries attend to most")
     p.add_argument("--draft_checkpoint_path", default=None, help="standalone draft model (--speculate draft)")
     args = p.parse_args(argv)
 
@@ -139,6 +143,9 @@ def parse_args(argv=None):
                 raise UsageError(str(e)) from None
     check(not (args.speculate == "self" and args.draft_kv == "full"),
           "--speculate self needs a sparse --draft_kv (a full cache makes the draft the target itself)")
+    check(args.draft_reselect >= 0, f"--draft_reselect must be >= 0 (got {args.draft_reselect})")
+    check(not args.draft_reselect or args.speculate == "self",
+          "--draft_reselect needs --speculate self (it re-picks the draft's entries from the target's own K/V)")
     check(args.speculate == "draft" or not args.draft_checkpoint_path, "--draft_checkpoint_path needs --speculate draft")
     check(args.speculate != "draft" or args.draft_checkpoint_path, "--speculate draft needs --draft_checkpoint_path")
     args.device = parse_device(args.device)
@@ -304,6 +311,7 @@ def main(argv=None):
     sa = SpecArgs(args.speculate, gamma=max(costmodel.GAMMAS) if args.gamma == "auto" else args.gamma,
                   draft_kv=args.draft_kv, sinks=args.sinks, snapkv_window=args.snapkv_window,
                   snapkv_recent=args.snapkv_recent, refresh=args.draft_refresh and args.speculate == "self",
+                  reselect=args.draft_reselect,
                   draft_budget=max(costmodel.PRIOR_ACCEPTANCE) if args.draft_budget == "auto" else args.draft_budget)
     plan = memory_plan(cfg, batch=B, max_seq_len=max_seq_len, itemsize=dtype.itemsize, attn=attn, sa=sa, draft=dcfg,
                        world=world, streams=bool(args.requests), weights_on_device=device.type == "cuda")

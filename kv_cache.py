@@ -193,13 +193,24 @@ class KVCache(nn.Module):
             dst.v[row].copy_(s.v[src_row])
 
 
+@dataclass(frozen=True)
+class Reselect:
+    """How a scored verify step re-picks a draft cache's fixed entries from the target's attention
+    (LayerDraftKV.repick). The defaults are the measured best (benchmarks/README.md)."""
+    queries: str = "all"  # which verify queries score: "all" gamma + 1 of them, or the "last"
+    scope: str = "head"  # "head": picks per KV head; "layer": one set per layer, shared by its KV heads
+    pool: int = 1  # average-pooling kernel over neighbouring positions (1: none; SnapKV's is 5)
+    sinks: int = 0  # positions 0 .. sinks-1 are always among the picks
+
+
 class LayerDraftKV(nn.Module):
     """One layer of a sparse draft cache: k, v [B, Hkv, N, D]; slot_pos [B, Hkv, N] holds each
     entry's absolute position (-1 = empty). See DraftCache for the slot layout."""
 
-    def __init__(self, batch_size, n_kv_head, head_dim, n_keep, window, ring, n_sink_pos, dtype, device, attn, q_per_kv):
+    def __init__(self, layout: DraftLayout, batch_size, n_kv_head, head_dim, *, dtype, device, attn, q_per_kv,
+                 policy: Reselect):
         super().__init__()
-        n_slots = n_keep + ring
+        n_keep, n_slots = layout.n_keep, layout.n_slots
         shape = (batch_size, n_kv_head, n_slots, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device))
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device))
@@ -214,9 +225,9 @@ class LayerDraftKV(nn.Module):
         self.register_buffer("kv_blocks", self.kv_indices.new_full((batch_size, 1, 1), n_blocks))
         self.register_buffer("no_blocks", torch.zeros_like(self.kv_blocks))
         self.register_buffer("no_indices", torch.zeros_like(self.kv_indices))
-        self.n_keep, self.window, self.ring, self.n_sink_pos = n_keep, window, ring, n_sink_pos
+        self.n_keep, self.window, self.ring, self.n_sink_pos = n_keep, layout.window, layout.ring, layout.n_sink_pos
         self.attn = "flex" if attn == "flex" else "sdpa"  # flash-attn cannot express sinks + window
-        self.q_per_kv = q_per_kv
+        self.q_per_kv, self.policy = q_per_kv, policy
 
     def slot_of(self, pos):
         return torch.where(pos < self.n_sink_pos, pos, self.n_keep + pos % self.ring)
@@ -247,6 +258,25 @@ class LayerDraftKV(nn.Module):
                                              self.kv_indices, self.q_per_kv * T, self.k.shape[2])
         return self.k, self.v, self.bool_mask(input_pos)
 
+    def repick(self, input_pos, scores, k_all, v_all):
+        """Scored verify: the fixed slots := the n_keep positions that this step's verify queries
+        (input_pos [B, T]) attended to most, scores [B, Hkv, S] (model.attention_probs over the
+        target cache), with their K/V from it (k_all, v_all [B, Hkv, S, D]). Only positions the ring
+        will not show the next round's queries compete: at most the first verified position + 1 -
+        window (the next round starts past it), and StreamingLLM's sink positions, which never enter
+        the ring; all are committed, whatever this round accepts. Static shapes, no host sync."""
+        p = self.policy
+        s = torch.arange(scores.shape[-1], device=scores.device)
+        first = input_pos[:, :1, None]  # [B, 1, 1]
+        candidates = ((s <= first + 1 - self.window) | (s < self.n_sink_pos)) & (s <= first)
+        if p.scope == "layer":
+            scores = scores.sum(1, keepdim=True).expand_as(scores)
+        picks = pick_positions(scores, candidates, self.n_keep, p.pool, forced=s < p.sinks)  # [B, Hkv, n_keep]
+        idx = picks.clamp(min=0)[..., None].expand(-1, -1, -1, k_all.shape[-1])
+        self.k[:, :, :self.n_keep] = k_all.gather(2, idx)
+        self.v[:, :, :self.n_keep] = v_all.gather(2, idx)
+        self.slot_pos[:, :, :self.n_keep] = picks
+
 
 class DraftCache(nn.Module):
     """Sparse draft cache, O(draft_budget) in memory and per-step reads, whatever the context length.
@@ -261,14 +291,14 @@ class DraftCache(nn.Module):
     """
 
     def __init__(self, layout: DraftLayout, n_layer, batch_size, n_kv_head, head_dim, *, dtype, device, attn="sdpa",
-                 q_per_kv=1):
+                 q_per_kv=1, policy: Reselect = Reselect()):
         super().__init__()
         self.layout = layout
         self.kind, self.window, self.n_keep, self.ring, self.n_sink_pos = (
             layout.kind, layout.window, layout.n_keep, layout.ring, layout.n_sink_pos)
         self.layers = nn.ModuleList(
-            LayerDraftKV(batch_size, n_kv_head, head_dim, self.n_keep, self.window, self.ring, self.n_sink_pos, dtype,
-                         device, attn, q_per_kv) for _ in range(n_layer))
+            LayerDraftKV(layout, batch_size, n_kv_head, head_dim, dtype=dtype, device=device, attn=attn,
+                         q_per_kv=q_per_kv, policy=policy) for _ in range(n_layer))
 
     def fill(self, full: KVCache, prompt_lens, scores=None, rows=None):
         """Build the draft cache from a full cache holding the prompts (lengths prompt_lens [b]), into
@@ -293,18 +323,28 @@ class DraftCache(nn.Module):
             layer.slot_pos[rows] = pos
 
 
+def pick_positions(scores, candidates, n_keep, pool_kernel=1, forced=None):
+    """The n_keep candidate positions with the highest scores, after average pooling over
+    neighbouring positions: scores [B, H, S], candidates (bool, broadcast to it), forced (bool, kept
+    first when candidates) -> positions [B, H, n_keep], -1 where fewer candidates exist."""
+    B, H, S = scores.shape
+    if pool_kernel > 1:
+        scores = F.avg_pool1d(scores.reshape(-1, 1, S), pool_kernel, stride=1, padding=pool_kernel // 2).view(B, H, S)
+    if forced is not None:
+        scores = scores.masked_fill(forced, float("inf"))
+    scores = scores.masked_fill(~candidates, float("-inf"))
+    top, pos = scores.topk(min(n_keep, S), dim=-1)
+    pos = torch.where(top > float("-inf"), pos, -1)
+    return F.pad(pos, (0, n_keep - pos.shape[-1]), value=-1)  # a budget beyond the cache keeps everything
+
+
 def snapkv_select(scores, prompt_lens, n_keep, window, pool_kernel=5):
     """SnapKV: per row and KV head keep the n_keep positions before the last `window` prompt
     positions (those go to the ring) that the observation queries attend to most, after average
     pooling over neighbouring positions. scores [B, H, S] -> positions [B, H, n_keep] (-1 where the
     prefix is shorter)."""
-    B, H, S = scores.shape
-    pooled = F.avg_pool1d(scores.reshape(-1, 1, S), pool_kernel, stride=1, padding=pool_kernel // 2).view(B, H, S)
-    in_prefix = torch.arange(S, device=scores.device) < (prompt_lens - window)[:, None, None]  # [B, 1, S]
-    pooled = pooled.masked_fill(~in_prefix, float("-inf"))
-    top, pos = pooled.topk(min(n_keep, S), dim=-1)
-    pos = torch.where(top > float("-inf"), pos, -1)
-    return F.pad(pos, (0, n_keep - pos.shape[-1]), value=-1)  # a budget beyond the cache keeps everything
+    in_prefix = torch.arange(scores.shape[-1], device=scores.device) < (prompt_lens - window)[:, None, None]
+    return pick_positions(scores, in_prefix, n_keep, pool_kernel)
 
 
 @torch.no_grad()

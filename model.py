@@ -193,10 +193,12 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(args.dim, qkv_out, bias=args.qkv_bias)
         self.wo = nn.Linear(args.n_head * args.head_dim, args.dim, bias=False)
 
-    def forward(self, x, cos, sin, input_pos, cache, refresh=None, scores=None):
+    def forward(self, x, cos, sin, input_pos, cache, refresh=None, reselect=None, scores=None):
         """cache: this layer's cache. refresh: this layer's draft cache, which also gets the new K/V
         (self-speculation's verify step copies the target's K/V of the verified positions into the
-        draft). scores: a list that gets this layer's attention_probs (SnapKV's observation pass)."""
+        draft). reselect: this layer's draft cache, whose fixed entries are re-picked from this
+        step's attention (a scored verify step). scores: a list that gets this layer's
+        attention_probs (SnapKV's observation pass)."""
         B, T, _ = x.shape
         hd = self.head_dim
         q, k, v = self.wqkv(x).split([self.n_head * hd, self.n_kv_head * hd, self.n_kv_head * hd], dim=-1)
@@ -208,16 +210,23 @@ class Attention(nn.Module):
         k_all, v_all, mask = cache.update(input_pos, k, v)
         if scores is not None:
             scores.append(attention_probs(q, k_all, cache.bool_mask(input_pos)))
+        if reselect is not None:
+            # an extra pass over K: the honest upper bound on what scoring inside the kernel would cost
+            last = reselect.policy.queries == "last"
+            probs = attention_probs(q[:, :, -1:] if last else q, k_all, cache.bool_mask(input_pos[:, -1:] if last else input_pos))
+            reselect.repick(input_pos, probs, k_all, v_all)
         y = attend(q, k_all, v_all, mask)
         return self.wo(y.transpose(1, 2).reshape(B, T, self.n_head * hd))
 
 
 def attention_probs(q, k, mask):
     """Softmax attention weights summed over all queries and the query heads of each KV group:
-    [B, Hkv, S] (fp32). Used once per prompt by SnapKV, never in the decode loop."""
+    [B, Hkv, S] (fp32). SnapKV's observation pass over a prompt, and the scored verify step that
+    re-picks a draft cache's entries. The products run in the cache's dtype (an fp32 copy of K would
+    triple the pass's memory traffic); the softmax in fp32."""
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
-    s = torch.einsum("bkgtd,bksd->bkgts", q.view(B, Hkv, Hq // Hkv, T, D).float(), k.float()) / math.sqrt(D)
+    s = torch.einsum("bkgtd,bksd->bkgts", q.view(B, Hkv, Hq // Hkv, T, D).to(k.dtype), k).float() / math.sqrt(D)
     s = s.masked_fill(~mask[:, :, None], float("-inf")).softmax(-1)
     return s.sum((2, 3))
 
@@ -241,16 +250,16 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, cos, sin, input_pos, cache, refresh=None, scores=None):
-        h = x + self.attention(self.attention_norm(x), cos, sin, input_pos, cache, refresh, scores)
+    def forward(self, x, cos, sin, input_pos, cache, refresh=None, reselect=None, scores=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, input_pos, cache, refresh, reselect, scores)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
-def run_block(layer, x, cos, sin, input_pos, cache, refresh):
+def run_block(layer, x, cos, sin, input_pos, cache, refresh, reselect):
     """One layer: the unit that torch.compile compiles once and every layer of a step reuses (regional
-    compilation). Layer and cache are arguments, so their weights and buffers are graph inputs and no
-    layer index is baked into the graph."""
-    return layer(x, cos, sin, input_pos, cache, refresh)
+    compilation). Layer and caches are arguments, so their weights and buffers are graph inputs and
+    no layer index is baked into the graph."""
+    return layer(x, cos, sin, input_pos, cache, refresh, reselect)
 
 
 class Transformer(nn.Module):
@@ -265,20 +274,23 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
 
-    def forward(self, tokens, input_pos, cache, logits_idx=None, refresh=None, block=run_block, scores=None):
+    def forward(self, tokens, input_pos, cache, logits_idx=None, refresh=None, reselect=None, block=run_block,
+                scores=None):
         """tokens, input_pos [B, T] (each row has its own positions); cache: kv_cache.KVCache or a draft
-        cache; refresh: a draft cache that also gets the new K/V. logits_idx [B, K]: compute logits only
+        cache; refresh: a draft cache that also gets the new K/V; reselect: a draft cache whose fixed
+        entries are re-picked from this forward's attention. logits_idx [B, K]: compute logits only
         at these positions of each row -> [B, K, V]; None -> logits for all T positions. block: how
         each layer runs (run_block, or a compiled run_block)."""
         angles = input_pos[..., None].float() * self.inv_freq  # [B, T, D/2]
         cos, sin = angles.cos()[:, :, None], angles.sin()[:, :, None]
         x = self.tok_embeddings(tokens)
-        refresh_layers = refresh.layers if refresh is not None else [None] * len(self.layers)
-        for layer, layer_cache, layer_refresh in zip(self.layers, cache.layers, refresh_layers):
+        none = [None] * len(self.layers)
+        refreshes, reselects = (none if c is None else c.layers for c in (refresh, reselect))
+        for layer, layer_cache, layer_refresh, layer_reselect in zip(self.layers, cache.layers, refreshes, reselects):
             if scores is None:
-                x = block(layer, x, cos, sin, input_pos, layer_cache, layer_refresh)
+                x = block(layer, x, cos, sin, input_pos, layer_cache, layer_refresh, layer_reselect)
             else:
-                x = layer(x, cos, sin, input_pos, layer_cache, layer_refresh, scores)
+                x = layer(x, cos, sin, input_pos, layer_cache, layer_refresh, layer_reselect, scores)
         if logits_idx is not None:
             x = x.gather(1, logits_idx[..., None].expand(-1, -1, x.shape[-1]))
         return self.output(self.norm(x)).float()

@@ -96,13 +96,15 @@ def accept_greedy(target_tokens, drafts):
     return n_accept, target_tokens.gather(1, n_accept[:, None])[:, 0]
 
 
-def verify_step(target, cache, cur, drafts, q, pos, s: Sampling, refresh=None, block=run_block):
+def verify_step(target, cache, cur, drafts, q, pos, s: Sampling, refresh=None, reselect=None, block=run_block):
     """Target forward over [cur, drafts] at positions pos .. pos + g, then acceptance.
     cur, pos [B]; drafts [B, g]; q [B, g, V] (None when greedy) -> n_accept [B], next token [B].
-    refresh: a draft cache that also gets the target's K/V of these positions, in the same step."""
+    refresh: a draft cache that also gets the target's K/V of these positions, in the same step.
+    reselect: a draft cache whose fixed entries this step re-picks from the target's attention to
+    every cached position (a scored verify; kv_cache.LayerDraftKV.repick)."""
     tokens = torch.cat([cur[:, None], drafts], 1)
     input_pos = pos[:, None] + torch.arange(tokens.shape[1], device=pos.device)
-    logits = target(tokens, input_pos, cache, refresh=refresh, block=block)
+    logits = target(tokens, input_pos, cache, refresh=refresh, reselect=reselect, block=block)
     if s.temperature == 0:
         return accept_greedy(logits.argmax(-1), drafts)
     return accept(logits_to_probs(logits, s), q, drafts)

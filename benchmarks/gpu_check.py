@@ -46,6 +46,7 @@ from spec import Sampling
 from tokenizer import load_tokenizer
 
 GREEDY = Sampling()
+RESELECT_EVERY = 4  # --draft_reselect in the SD row with re-selection
 MAGICDEC_ALPHA_8B_32K = 0.81  # Llama-3.1-8B self-speculation, budget 512, 32K (MagicDec, arXiv 2408.11049)
 PHASE_KEYS = {"preflight": ["preflight"], "ar": ["ar", "attn_default"], "ratios": ["step_ratios", "predicted_speedup_8b"], "sd": ["sd"],
               "stream": ["stream"]}
@@ -173,6 +174,8 @@ def phase_preflight(run, name, B, S, backends):
         step("self-speculation draft setup", lambda: (sd.prefill(tokens, lens), sd.setup_draft(tokens, lens)), repeat=1)
         step("draft", lambda: sd.draft(cur[:, None], pos[:, None], GREEDY))
         step("verify", lambda: sd.verify(cur, cur[:, None].expand(-1, 2).contiguous(), None, pos, GREEDY))
+        step("scored verify", lambda: sd.verify(cur, cur[:, None].expand(-1, 2).contiguous(), None, pos, GREEDY,
+                                                scored=True))
         step("refill", lambda: sd.refill(1, prompts[1]), repeat=1)
         requests = [Request(i, p[:S // 8], 6) for i, p in enumerate(prompts * 2)]
         step("request stream (refills, rounds)", lambda: serve(sd, requests, NO_EOS, GREEDY, lambda *a: None), repeat=1)
@@ -269,11 +272,16 @@ def ratios_shape(run, model, name, B, S, gammas, budget, attn):
     row = dict(model=name, batch_size=B, context=S, attn=attn, draft_budget=budget, t_target_ms=t_t * 1e3,
                t_verify_over_t_target=t_v, t_draft_over_t_target=t_d, alpha=MAGICDEC_ALPHA_8B_32K,
                predicted_speedup_by_gamma=predicted)
+    g = max(gammas)
+    drafts = torch.ones(B, g, dtype=torch.long, device=run.device)
+    cur = torch.ones(B, dtype=torch.long, device=run.device)
+    t_scored = run.median(lambda: engine.verify(cur, drafts, None, pos, GREEDY, scored=True)) / t_t
+    row.update(gamma_scored=g, t_scored_verify_over_t_verify=t_scored / t_v[g])  # --draft_reselect's extra cost
     run.rec["step_ratios"].append(row)
     run.rec["predicted_speedup_8b"] = dict(speedup=predicted[best], gamma=best, batch_size=B, context=S,
                                            alpha=MAGICDEC_ALPHA_8B_32K, draft_budget=budget)
-    print(f"ratios {name} B={B} x {S}: T_T {t_t * 1e3:.2f} ms, T_V/T_T {t_v}, T_D/T_T {t_d:.3f}; predicted "
-          f"speedup {predicted[best]:.2f} at gamma {best}", flush=True)
+    print(f"ratios {name} B={B} x {S}: T_T {t_t * 1e3:.2f} ms, T_V/T_T {t_v}, T_D/T_T {t_d:.3f}, scored verify "
+          f"{t_scored / t_v[g]:.3f} of a verify; predicted speedup {predicted[best]:.2f} at gamma {best}", flush=True)
 
 
 def phase_sd(run, cases, new, gammas, budget, attn):
@@ -297,20 +305,25 @@ def sd_shape(run, model, tok, B, S, new, gammas, budget, attn):
     chunk = max(16, min(512, 32768 // B))  # prefill activations and SDPA's mask stay within a few GB
     warm = [p[:8] for p in prompts]
     runs = {}
-    for g in (0, *gammas):  # 0: autoregressive
-        if g and not run.room_for(60, f"sd B={B} S={S} gamma {g}"):
+    # (gamma, re-selection interval): AR, each gamma with a static draft, the first with re-selection
+    configs = [(0, 0)] + [(g, 0) for g in gammas]
+    if B == min(b for b, _ in run.sd_cases):
+        configs.append((gammas[0], RESELECT_EVERY))
+    for g, every in configs:
+        if g and not run.room_for(60, f"sd B={B} S={S} gamma {g} reselect {every}"):
             continue
-        sa = SpecArgs("self", gamma=g, draft_kv="streaming", draft_budget=budget) if g else None
+        sa = SpecArgs("self", gamma=g, draft_kv="streaming", draft_budget=budget, reselect=every) if g else None
         engine = run.engine(model, B, S, sa, attn=attn, chunk=chunk)
-        _, first = run.first_call(lambda: generate(engine, warm, g + 3, NO_EOS, GREEDY))  # compiles and captures
+        # compiles and captures every step kind the run uses: enough rounds to reach a scored verify
+        _, first = run.first_call(lambda: generate(engine, warm, (every + 1) * (g + 1) + 2, NO_EOS, GREEDY))
         run.add_graph_times(engine, first)
         before = counters["stats"]["unique_graphs"]
         with torch.compiler.set_stance("fail_on_recompile"):
             res = generate(engine, prompts, new, NO_EOS, GREEDY)
         run.rec["recompiles"] += counters["stats"]["unique_graphs"] - before
-        runs[g] = res
-        ar = runs.get(0)
-        row = dict(model="smollm2-135m", batch_size=B, prefix=S - new, new_tokens=new, gamma=g,
+        runs[g, every] = res
+        ar = runs.get((0, 0))
+        row = dict(model="smollm2-135m", batch_size=B, prefix=S - new, new_tokens=new, gamma=g, draft_reselect=every,
                    draft_budget=budget if g else None, attn=attn, prefill_s=res.prefill_s,
                    tokens_per_s=res.tokens_per_s)
         if g and ar is not None:
@@ -321,7 +334,7 @@ def sd_shape(run, model, tok, B, S, new, gammas, budget, attn):
                        speedup=res.tokens_per_s / ar.tokens_per_s, t_draft_over_t_target=t_d,
                        t_verify_over_t_target=t_v[g], **agreement(res.tokens, ar.tokens))
             run.rec["sd"].append(row)
-            print(f"SD B={B} x {S} gamma {g}: {res.tokens_per_s:.0f} tok/s against AR {ar.tokens_per_s:.0f}: "
+            print(f"SD B={B} x {S} gamma {g} reselect {every}: {res.tokens_per_s:.0f} tok/s against AR {ar.tokens_per_s:.0f}: "
                   f"{row['speedup']:.2f}x, acceptance {res.acceptance:.3f}, T_D/T_T {t_d:.3f}, "
                   f"T_V/T_T {t_v[g]:.3f}, rows equal to AR {row['rows_equal']:.2f}", flush=True)
         else:
@@ -403,6 +416,7 @@ def main(argv=None):
         phase_ratios(run, model, r_name, B, S, sz["ratio_gammas"], sz["ratio_budget"], attn)
     model = None
     free(device)
+    run.sd_cases = sz["sd"]
     if "sd" in args.phases:
         phase_sd(run, sz["sd"], sz["sd_new"], sz["sd_gammas"], sz["sd_budget"], attn)
     if "stream" in args.phases:

@@ -23,11 +23,13 @@ MAX_NEW, MAX_SEQ, CHUNK = 24, 96, 32
 SAMPLE = Sampling(temperature=1.0, top_k=20, top_p=0.95)
 # (backend, speculation, attention, sampling, graphs): every graph is one shape of the shared block:
 # prefill chunk and decode step; prefill, draft step and verify step; a standalone draft adds its
-# own prefill and a 2-token catch-up draft step.
+# own prefill and a 2-token catch-up draft step; a scored verify step adds one.
 STREAMING = SpecArgs("self", gamma=3, draft_kv="streaming", draft_budget=24, sinks=4)
 SNAPKV = SpecArgs("self", gamma=3, draft_kv="snapkv", draft_budget=24, snapkv_window=8)
 DRAFT_STREAMING = SpecArgs("draft", gamma=3, draft_kv="streaming", draft_budget=24, sinks=4, refresh=False)
 DRAFT_SNAPKV = SpecArgs("draft", gamma=2, draft_kv="snapkv", draft_budget=24, snapkv_window=8, refresh=False)
+SNAPKV_RESELECT = SpecArgs("self", gamma=3, draft_kv="snapkv", draft_budget=24, snapkv_window=8, reselect=2)
+STREAMING_RESELECT = SpecArgs("self", gamma=3, draft_kv="streaming", draft_budget=24, sinks=8, reselect=1)
 SETUPS = {
     "autoregressive": ("inductor", None, "sdpa", Sampling(), 2),
     "autoregressive-sampling": ("inductor", None, "sdpa", SAMPLE, 2),
@@ -38,6 +40,9 @@ SETUPS = {
     "draft-snapkv": ("aot_eager", DRAFT_SNAPKV, "sdpa", Sampling(), 5),
     "self-streaming-flex": ("inductor", STREAMING, "flex", Sampling(), 3),
     "draft-snapkv-flex": ("inductor", DRAFT_SNAPKV, "flex", Sampling(), 5),
+    # a scored verify (--draft_reselect) is one more step kind
+    "self-snapkv-reselect": ("aot_eager", SNAPKV_RESELECT, "sdpa", Sampling(), 4),
+    "self-streaming-reselect-flex": ("inductor", STREAMING_RESELECT, "flex", Sampling(), 3),  # every verify scored
 }
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

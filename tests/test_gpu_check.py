@@ -20,7 +20,7 @@ def test_gpu_check_smoke_writes_every_field(tmp_path, smollm2_dir):
                 "predicted_speedup_8b", "attn_default"):
         assert key in rec, key
     assert rec["failures"] == [] and all(p["ok"] for p in rec["preflight"]), rec["failures"]
-    steps = {"prefill chunk", "decode", "self-speculation draft setup", "draft", "verify", "refill",
+    steps = {"prefill chunk", "decode", "self-speculation draft setup", "draft", "verify", "scored verify", "refill",
              "request stream (refills, rounds)", "speculative generation"}
     assert {(p["attn"], p["step"]) for p in rec["preflight"]} == {(a, s) for a in ("sdpa", "flex") for s in steps}
     assert {(a["batch_size"], a["context"], a["attn"]) for a in rec["ar"]} == {(1, 256, "sdpa"), (1, 256, "flex"),
@@ -30,7 +30,10 @@ def test_gpu_check_smoke_writes_every_field(tmp_path, smollm2_dir):
     ratios = rec["step_ratios"][0]
     assert set(ratios["t_verify_over_t_target"]) == {"2", "4"} and ratios["t_draft_over_t_target"] > 0
     assert rec["predicted_speedup_8b"]["speedup"] > 0
-    (sd,) = rec["sd"]
+    sd, reselecting = rec["sd"]
+    assert (sd["draft_reselect"], reselecting["draft_reselect"]) == (0, gpu_check.RESELECT_EVERY)
+    assert reselecting["rows_equal"] == 1.0
+    assert ratios["t_scored_verify_over_t_verify"] > 0
     for key in ("model", "batch_size", "prefix", "new_tokens", "gamma", "draft_budget", "acceptance",
                 "ar_tokens_per_s", "sd_tokens_per_s", "speedup", "t_draft_over_t_target", "t_verify_over_t_target"):
         assert key in sd, key
