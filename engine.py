@@ -10,7 +10,9 @@
 import contextlib
 import os
 import platform
+import threading
 import time
+from collections import deque
 from dataclasses import KW_ONLY, dataclass
 from typing import Optional
 
@@ -427,9 +429,10 @@ def speculative_round(engine: Engine, rows: Rows, gamma: int, s: Sampling, score
     return emitted, n_accept + 1
 
 
-def decode_round(engine: Engine, rows: Rows, gamma: int, s: Sampling, eos, scored: bool = False) -> None:
+def decode_round(engine: Engine, rows: Rows, gamma: int, s: Sampling, eos, scored: bool = False):
     """One round of either kind for every row, then its bookkeeping: the one place where a round
-    happens, for static batches and request streams alike. Updates rows in place."""
+    happens, for static batches and request streams alike. Updates rows in place -> emitted
+    [B, width] and n_emit [B]: the first n_emit of each row are its new tokens (0 for a done row)."""
     if engine.sa.mode == "none":
         emitted, n_emit = autoregressive_round(engine, rows, s)
     else:
@@ -444,6 +447,7 @@ def decode_round(engine: Engine, rows: Rows, gamma: int, s: Sampling, eos, score
     rows.last2 = torch.cat([rows.last2, emitted], 1).gather(1, n_emit[:, None] + torch.arange(2, device=emitted.device))
     rows.n_gen += n_emit
     rows.done |= hit_eos | (rows.n_gen >= rows.max_new)
+    return emitted, n_emit
 
 
 # ---------------------------------------------------------------- --gamma auto
@@ -543,59 +547,157 @@ class Request:
     prompt: list  # token ids
     max_new_tokens: int
     where: str = ""  # where it came from, for error messages
+    stop: tuple = ()  # strings that end the request once its text holds one (checked once per round)
+    arrived: Optional[float] = None  # time.perf_counter() at arrival; None: when serve() starts
+    cancelled: bool = False  # set from any thread: the request ends at the next round, its slot freed
+
+
+class RequestQueue:
+    """Requests waiting for a slot, oldest first, fed from any thread while serve() runs. submit()
+    refuses (returns False) when max_waiting requests already wait, or after close(); serve() ends
+    once the queue is closed and every request it took is done."""
+
+    def __init__(self, requests=(), max_waiting: int = 0, closed: bool = False):
+        self.waiting, self.max_waiting, self.closed = deque(requests), max_waiting, closed
+        self.cond = threading.Condition()
+
+    def submit(self, req: Request) -> bool:
+        with self.cond:
+            if self.closed or (self.max_waiting and len(self.waiting) >= self.max_waiting):
+                return False
+            req.arrived = time.perf_counter() if req.arrived is None else req.arrived
+            self.waiting.append(req)
+            self.cond.notify()
+            return True
+
+    def close(self):
+        with self.cond:
+            self.closed = True
+            self.cond.notify()
+
+    def take(self, wait: bool) -> Optional[Request]:
+        """The oldest waiting request, or None: none waits (with wait, not until one arrives or the
+        queue closes, sleeping meanwhile: an idle engine does not spin)."""
+        with self.cond:
+            while wait and not self.waiting and not self.closed:
+                self.cond.wait()
+            return self.waiting.popleft() if self.waiting else None
+
+    def exhausted(self) -> bool:
+        with self.cond:
+            return self.closed and not self.waiting
+
+
+@dataclass
+class Slot:
+    """What the host knows of the request in one row: its tokens so far, and when it got its slot
+    and its first token."""
+    req: Request
+    t_slot: float
+    t_first: float
+    tokens: list
 
 
 @torch.no_grad()
-def serve(engine: Engine, requests: list, eos_ids, s: Sampling, on_finish) -> dict:
+def serve(engine: Engine, requests, eos_ids, s: Sampling, on_finish, *, on_tokens=None, decode=None) -> dict:
     """Continuous batching: the engine's rows are slots; a request waits for a free slot, is prefilled
     on its own into it (Engine.refill) and decodes with whatever else is running; the moment it is
-    done its slot takes the next waiting request. Every request arrives at the start.
-    on_finish(request, record) gets each finished request's tokens and timings, in completion order.
-    -> run totals (requests, tokens, seconds)."""
+    done its slot takes the oldest waiting request. requests: a list (all arrive at the start) or a
+    RequestQueue that other threads feed while this runs. A request ends at its EOS, its
+    max_new_tokens, a stop string (decode(ids) -> text is needed for those), or its cancellation,
+    and its tokens are the ones it gets alone: nothing it shares a round with changes them.
+    on_tokens(request, new_ids) gets each request's tokens once per round as they are made (its
+    first from prefill); on_finish(request, record) each finished request's tokens, text (with
+    decode), finish_reason and timings, in completion order. The one host sync per round carries
+    every row's new tokens. -> run totals (requests, tokens, seconds, rounds)."""
     sa, device = engine.sa, engine.device
+    queue = requests if isinstance(requests, RequestQueue) else RequestQueue(requests, closed=True)
     B = engine.batch_size
     eos = torch.tensor(sorted(eos_ids), device=device)
-    rows = Rows.empty(B, max(r.max_new_tokens for r in requests), sa.ring_gamma + 1, device)
-    waiting = list(requests)
-    slot_of = [None] * B  # the request in each slot, and when it got its slot and its first token
-    gamma, rounds, n_tokens, calibrated = sa.gamma, 0, 0, False
+    rows = Rows.empty(B, engine.max_seq_len, sa.ring_gamma + 1, device)
+    slots = [None] * B
+    gamma, rounds, n_done, n_tokens, calibrated = sa.gamma, 0, 0, 0, False
     sync(device)
     t_start = time.perf_counter()
-    while waiting or any(slot_of):
-        for row in range(B):
-            if slot_of[row] is None and waiting:
-                req = waiting.pop(0)
+
+    def finish(row, reason):
+        nonlocal n_done, n_tokens
+        slot, t = slots[row], time.perf_counter()
+        req, ids = slot.req, slot.tokens
+        arrived = t_start if req.arrived is None else req.arrived
+        record = dict(id=req.id, tokens=ids, prompt_tokens=len(req.prompt), finish_reason=reason,
+                      queue_s=slot.t_slot - arrived, ttft_s=slot.t_first - arrived, decode_s=t - slot.t_first,
+                      tokens_per_s=(len(ids) - 1) / max(t - slot.t_first, 1e-9))
+        if decode is not None:
+            record["text"] = text_until_stop(decode(ids), req.stop)[0]
+        if sa.mode != "none":
+            acc, ev, rr = rows.stats[:, row].tolist()
+            record.update(acceptance=acc / max(ev, 1), rounds=rr)
+        n_done, n_tokens, slots[row] = n_done + 1, n_tokens + len(ids), None
+        rows.done[row] = True  # a stop string or a cancellation ends a row the device still runs
+        on_finish(req, record)
+
+    def take_tokens(row, new):
+        """New ids of the request in row -> whether it is done, and why; clipped at its EOS, its
+        length limit and its first stop string."""
+        slot = slots[row]
+        room = slot.req.max_new_tokens - len(slot.tokens)
+        new = new[:room]
+        stop = next((i for i, t in enumerate(new) if t in eos_ids), None)
+        new = new if stop is None else new[:stop + 1]
+        slot.tokens += new
+        if on_tokens is not None and new:
+            on_tokens(slot.req, new)
+        if stop is not None:
+            return "stop"
+        if slot.req.stop and text_until_stop(decode(slot.tokens), slot.req.stop)[1]:
+            return "stop"
+        return "length" if len(slot.tokens) >= slot.req.max_new_tokens else None
+
+    while True:
+        for row in range(B):  # free slots take the oldest waiting requests; with none busy, wait for one
+            while slots[row] is None:
+                req = queue.take(wait=not any(slots))
+                if req is None:
+                    break
+                if req.cancelled:
+                    continue
+                if req.stop and decode is None:
+                    raise ValueError(f"request {req.id!r} has stop strings: serve() needs decode to check them")
                 t_slot = time.perf_counter()
                 first = spec.next_token(engine.refill(row, req.prompt), s)
-                r = torch.tensor([row], device=device)
-                rows.start(r, torch.tensor([len(req.prompt)], device=device),
+                rows.start(torch.tensor([row], device=device), torch.tensor([len(req.prompt)], device=device),
                            torch.tensor([req.prompt[-1]], device=device), first[None],
                            torch.tensor([req.max_new_tokens], device=device), eos)
-                sync(device)
-                slot_of[row] = (req, t_slot, time.perf_counter())
+                slots[row] = Slot(req, t_slot, time.perf_counter(), [])
+                reason = take_tokens(row, [int(first)])
+                slots[row].t_first = time.perf_counter()
+                if reason is not None:
+                    finish(row, reason)
+        if not any(slots):
+            if queue.exhausted():
+                break
+            continue
         if sa.planner is not None and not calibrated:
             gamma, calibrated = calibrate_gamma(engine, rows.pos, s), True
-        # some slot is busy here; a row done at its first token just idles through this round
-        decode_round(engine, rows, gamma, s, eos, sa.scored(rounds))
+        emitted, n_emit = decode_round(engine, rows, gamma, s, eos, sa.scored(rounds))
         rounds += 1
         if sa.adapt_every and rounds % sa.adapt_every == 0:
             gamma = replan(engine, rows) or gamma
-        done = rows.done.tolist()  # the one host sync per round
-        t = time.perf_counter()
-        for row in range(B):
-            if slot_of[row] is not None and done[row]:
-                req, t_slot, t_first = slot_of[row]
-                ids = rows.tokens(row, eos_ids)
-                acc, ev, rr = rows.stats[:, row].tolist()
-                record = dict(id=req.id, tokens=ids, prompt_tokens=len(req.prompt), queue_s=t_slot - t_start,
-                              ttft_s=t_first - t_start, decode_s=t - t_first,
-                              tokens_per_s=(len(ids) - 1) / max(t - t_first, 1e-9))
-                if sa.mode != "none":
-                    record.update(acceptance=acc / max(ev, 1), rounds=rr)
-                n_tokens += len(ids)
-                slot_of[row] = None
-                on_finish(req, record)
-    return dict(requests=len(requests), tokens=n_tokens, seconds=time.perf_counter() - t_start, rounds=rounds)
+        new = torch.cat([n_emit[:, None], emitted], 1).tolist()  # the one host sync per round
+        for row, (n, *ids) in enumerate(new):
+            if slots[row] is None:
+                continue
+            reason = "cancelled" if slots[row].req.cancelled else take_tokens(row, ids[:n])
+            if reason is not None:
+                finish(row, reason)
+    return dict(requests=n_done, tokens=n_tokens, seconds=time.perf_counter() - t_start, rounds=rounds)
+
+
+def text_until_stop(text: str, stop) -> tuple:
+    """(text up to its first stop string, whether one occurs): a stop string is not part of the answer."""
+    at = min((i for i in (text.find(x) for x in stop) if i >= 0), default=-1)
+    return (text, False) if at < 0 else (text[:at], True)
 
 
 def device_name(device):

@@ -47,7 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--requests", default=None, metavar="FILE.jsonl",
                    help="serve a stream of requests through --batch_size slots (continuous batching): one JSON "
                         "object per line with 'prompt' (text), optional 'max_new_tokens' (>= 1, default "
-                        "--max_new_tokens) and 'id' (default: the line number)")
+                        "--max_new_tokens), 'stop' (strings that end the answer) and 'id' (default: the line number)")
     p.add_argument("--results", default=None, metavar="FILE.jsonl",
                    help="with --requests: one JSON line per finished request, in completion order, flushed as each "
                         "finishes into FILE.jsonl.partial, which becomes FILE.jsonl when the run ends (without it: "
@@ -204,14 +204,14 @@ def checkpoint_dir(path, what):
 
 
 def read_texts(args) -> list:
-    """-> [(id, text, max_new_tokens, where)] from --prompt / --prompt_file or the --requests file,
+    """-> [(id, text, max_new_tokens, where, stop strings)] from --prompt / --prompt_file or the --requests file,
     each bad line refused by its number."""
     if not args.requests:
-        out = [(i, t, args.max_new_tokens, f"prompt {i}") for i, t in enumerate(args.prompt)]
+        out = [(i, t, args.max_new_tokens, f"prompt {i}", ()) for i, t in enumerate(args.prompt)]
         for f in args.prompt_file:
             try:
                 with open(f, encoding="utf-8") as fh:
-                    out.append((len(out), fh.read(), args.max_new_tokens, f"--prompt_file {f}"))
+                    out.append((len(out), fh.read(), args.max_new_tokens, f"--prompt_file {f}", ()))
             except UnicodeDecodeError:
                 raise UsageError(f"--prompt_file {f}: not UTF-8 text") from None
         return out
@@ -236,10 +236,13 @@ def read_texts(args) -> list:
         new = req.get("max_new_tokens", args.max_new_tokens)
         if isinstance(new, bool) or not isinstance(new, int) or new < 1:
             raise UsageError(f"{where}: 'max_new_tokens' must be an integer >= 1 (got {new!r})")
-        unknown = set(req) - {"prompt", "max_new_tokens", "id"}
+        stop = req.get("stop", [])
+        if not isinstance(stop, list) or not all(isinstance(x, str) and x for x in stop):
+            raise UsageError(f"{where}: 'stop' must be a list of non-empty strings (got {stop!r})")
+        unknown = set(req) - {"prompt", "max_new_tokens", "id", "stop"}
         if unknown:
             raise UsageError(f"{where}: unknown keys {sorted(unknown)}")
-        out.append((req.get("id", n), req["prompt"], new, where))
+        out.append((req.get("id", n), req["prompt"], new, where, tuple(stop)))
     if not out:
         raise UsageError(f"--requests {args.requests}: no requests")
     return out
@@ -248,7 +251,7 @@ def read_texts(args) -> list:
 def tokenize(args, tokenizer, texts) -> list:
     """-> [Request] with token ids; empty prompts refused by where they came from."""
     requests = []
-    for rid, text, new, where in texts:
+    for rid, text, new, where, stop in texts:
         if args.chat:
             try:
                 text = tokenizer.apply_chat_template([{"role": "user", "content": text}])
@@ -258,7 +261,7 @@ def tokenize(args, tokenizer, texts) -> list:
         if not ids:
             raise UsageError(f"{where} is empty")
         bos = [tokenizer.bos_id] if tokenizer.add_bos and tokenizer.bos_id is not None and not args.chat else []
-        requests.append(Request(rid, bos + ids, new, where))
+        requests.append(Request(rid, bos + ids, new, where, stop))
     return requests
 
 
@@ -415,7 +418,6 @@ def run_requests(args, engine, requests, tokenizer, s, say):
 
     def on_finish(req, record):
         finished.append((record["id"], record["tokens"]))
-        record["text"] = text_of(tokenizer, record["tokens"])
         if sink is not None:  # one write per finished request, flushed to disk before the next round
             sink.write(json.dumps(record) + "\n")
             sink.flush()
@@ -424,7 +426,7 @@ def run_requests(args, engine, requests, tokenizer, s, say):
             say(f"--- request {record['id']} ({record['prompt_tokens']} prompt tokens, {len(record['tokens'])} "
                 f"generated, {record['tokens_per_s']:.1f} tokens/s)\n{record['text']}")
 
-    totals = serve(engine, requests, tokenizer.eos_ids, s, on_finish)
+    totals = serve(engine, requests, tokenizer.eos_ids, s, on_finish, decode=lambda ids: text_of(tokenizer, ids))
     tp.check_agree(finished)
     if sink is not None:
         sink.close()

@@ -2,13 +2,15 @@
 # the tokens it gets alone, a refilled row's draft cache is what a fresh build makes, bad request
 # files are refused line by line before any model loads, and a warm stream compiles nothing new.
 import json
+import threading
+import time
 
 import pytest
 import torch
 from torch._dynamo.utils import counters
 
 import generate as G
-from engine import Engine, Request, SpecArgs, generate, pad_prompts, serve
+from engine import Engine, Request, RequestQueue, SpecArgs, generate, pad_prompts, serve
 from spec import Sampling
 
 MAX_SEQ, SLOTS = 112, 4
@@ -193,3 +195,83 @@ def test_cli_stream_writes_results_in_completion_order(tmp_path, smollm2_dir):
     for r in recs:
         assert {"text", "prompt_tokens", "queue_s", "ttft_s", "decode_s", "tokens_per_s", "acceptance", "rounds"} <= set(r)
     assert not (tmp_path / "res.jsonl.partial").exists()
+
+
+# ---- requests that arrive over time, stop strings, cancellation ----
+
+def letters(ids):
+    """A stand-in tokenizer for the tiny vocabulary: one letter per id."""
+    return "".join(chr(65 + t % 26) for t in ids)
+
+
+def test_requests_arriving_while_others_run_get_their_solo_tokens(tiny):
+    """A thread submits requests at intervals into a running loop, which sleeps rather than spins
+    while nothing waits or runs; every request gets the tokens it gets alone."""
+    target, _ = tiny
+    requests = stream(target.args.vocab_size, n=8, seed=9)
+    queue, finished = RequestQueue(), []
+    loop = threading.Thread(target=serve, args=(Engine(target, 2, MAX_SEQ, sa=SETUPS["self-streaming"]), queue, {0},
+                                                Sampling(), lambda req, rec: finished.append((req, rec))))
+    loop.start()
+    for req in requests[:4]:
+        queue.submit(req)
+        time.sleep(0.02)
+    while len(finished) < 4:  # drained: the loop now waits for the next arrival
+        time.sleep(0.01)
+    clock = time.pthread_getcpuclockid(loop.ident)
+    idle = time.clock_gettime(clock)
+    time.sleep(0.5)
+    idle = time.clock_gettime(clock) - idle
+    for req in requests[4:]:
+        queue.submit(req)
+        time.sleep(0.02)
+    queue.close()
+    loop.join(timeout=120)
+    assert not loop.is_alive() and len(finished) == 8
+    assert idle < 0.05, f"the idle loop used {idle:.3f} s of CPU in 0.5 s"
+    alone = Engine(target, 1, MAX_SEQ)
+    for req, rec in finished:
+        assert rec["tokens"] == generate(alone, [req.prompt], req.max_new_tokens, {0}, Sampling()).tokens[0], req.id
+        assert rec["finish_reason"] in ("stop", "length") and rec["queue_s"] >= 0
+
+
+def test_stop_strings_end_a_request_and_are_not_its_text(tiny):
+    target, _ = tiny
+    req = stream(target.args.vocab_size, n=1, seed=10)[0]
+    req.max_new_tokens = 30
+    solo = generate(Engine(target, 1, MAX_SEQ), [req.prompt], 30, {-1}, Sampling()).tokens[0]
+    text = letters(solo)
+    stop = text[12:15]  # ends within the 15th token, or earlier where those letters occur before
+    at = text.find(stop)
+    finished = []
+    req.stop = (stop, "never-" * 3)
+    serve(Engine(target, 2, MAX_SEQ, sa=SETUPS["self-streaming"]), [req], {-1}, Sampling(),
+          lambda r, rec: finished.append(rec), decode=letters)
+    (rec,) = finished
+    assert rec["finish_reason"] == "stop" and rec["text"] == text[:at]
+    assert rec["tokens"] == solo[:at + len(stop)]  # through the token that completes the stop string
+
+
+def test_a_cancelled_request_frees_its_slot(tiny):
+    target, _ = tiny
+    long, short = stream(target.args.vocab_size, n=2, seed=11)
+    long.max_new_tokens, short.max_new_tokens = 100, 5
+    finished = []
+
+    def on_tokens(req, ids):
+        if req is long and len(finished) == 0:
+            long.cancelled = True  # as a server does when the client goes away
+
+    queue = RequestQueue([long, short], closed=True)
+    serve(Engine(target, 1, MAX_SEQ), queue, {-1}, Sampling(), lambda r, rec: finished.append((r, rec)),
+          on_tokens=on_tokens)
+    assert [(r.id, rec["finish_reason"]) for r, rec in finished] == [(long.id, "cancelled"), (short.id, "length")]
+    assert len(finished[0][1]["tokens"]) < 5 and len(finished[1][1]["tokens"]) == 5
+
+
+def test_a_full_queue_refuses_and_a_closed_one_too():
+    queue = RequestQueue(max_waiting=2)
+    reqs = [Request(i, [1, 2], 3) for i in range(4)]
+    assert [queue.submit(r) for r in reqs[:3]] == [True, True, False]
+    queue.close()
+    assert not queue.submit(reqs[3]) and queue.take(wait=True) is reqs[0] and not queue.exhausted()
