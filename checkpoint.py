@@ -1,12 +1,16 @@
 # Checkpoint files: config.json read defensively, model.pth loaded as plain tensors (weights_only)
 # and checked against the config tensor by tensor, and the manifest that scripts/convert_gguf.py
 # writes last (each file's size and SHA-256), which decides whether a directory counts as prepared.
-# write_atomic is how every output of this project is written: a reader sees the old file or the
-# whole new one, never a part.
+# write_atomic is how every output file of this project is written: a reader sees the old file or
+# the whole new one, never a part; write_output and ResultsLog add what a user's output path may be
+# (a symlink, /dev/stdout, one of the run's inputs, a results file that a rerun resumes).
+import errno
 import hashlib
 import json
 import os
 import pickle
+import stat
+import tempfile
 
 import torch
 
@@ -51,6 +55,98 @@ def write_atomic(path: str, write) -> None:
             os.remove(tmp)
         raise
     sync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def is_stream(path: str) -> bool:
+    """An existing output that is not a regular file (/dev/null, /dev/stdout, a FIFO): it is written
+    in place, never replaced by a file of ours."""
+    try:
+        return not stat.S_ISREG(os.stat(path).st_mode)  # through links: /dev/stdout may lead to a pipe
+    except FileNotFoundError:
+        return False
+
+
+def check_output(flag: str, path: str, inputs=()) -> None:
+    """Before any work: refuse (ValueError, one line) an output that is a directory or one of the
+    run's inputs, and prove it can be written by creating a file beside it (os.access believes root
+    can write anywhere, /proc and /sys included); a stream must open for writing."""
+    real = os.path.realpath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path}: is a directory; give a file path")
+    for other in inputs:
+        if os.path.exists(other) and os.path.exists(path) and os.path.samefile(path, other):
+            raise ValueError(f"{flag} {path}: is the input {other}; writing it would destroy it")
+    try:
+        if is_stream(path):
+            os.close(os.open(path, os.O_WRONLY))
+        else:
+            if not os.path.isdir(os.path.dirname(real)):
+                raise ValueError(f"{flag} {path}: directory {os.path.dirname(real)} does not exist")
+            fd, probe = tempfile.mkstemp(dir=os.path.dirname(real), prefix=".write-probe-")
+            os.close(fd)
+            os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: cannot be written ({e.strerror})") from None
+
+
+def write_output(path: str, data: bytes) -> None:
+    """A whole output file: atomically through write_atomic where path is (or links to) a regular
+    file or nothing yet, so a symlink keeps pointing at the new file; a stream in place."""
+    if is_stream(path):
+        with open(path, "wb") as f:
+            f.write(data)
+    else:
+        write_atomic(os.path.realpath(path), lambda f: f.write(data))
+
+
+class ResultsLog:
+    """An output of one JSON line per finished request, each line written whole or not at all: the
+    lines go to PATH.partial (fsynced one by one), which becomes PATH when the run ends; a stream
+    gets them directly. A run that stops early leaves PATH.partial holding every result it finished;
+    resume=True keeps those (dropping a last line a kill cut short) and appends, and done_ids says
+    which requests need no rerun. Without resume an existing PATH.partial is refused, not truncated."""
+
+    def __init__(self, path: str, resume: bool = False):
+        self.final = os.path.realpath(path)
+        self.partial, self.done_ids = None, set()
+        if is_stream(path):
+            self.fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+            return
+        self.partial = self.final + ".partial"
+        if os.path.exists(self.partial):
+            if not resume:
+                raise ValueError(f"{self.partial} holds the results of an interrupted run: add --resume to keep them "
+                                 f"and serve only the other requests, or remove it")
+            with open(self.partial, "rb") as f:
+                data = f.read()
+            keep = data[: data.rfind(b"\n") + 1]  # complete lines only
+            try:
+                self.done_ids = {json.loads(line)["id"] for line in keep.splitlines()}
+            except (ValueError, KeyError, TypeError):
+                raise ValueError(f"{self.partial}: not a results file of this program; remove it") from None
+            with open(self.partial, "r+b") as f:
+                f.truncate(len(keep))
+        self.fd = os.open(self.partial, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+
+    def write(self, record: dict) -> None:
+        line = (json.dumps(record, allow_nan=False) + "\n").encode()
+        end = os.lseek(self.fd, 0, os.SEEK_END) if self.partial else None
+        try:
+            if os.write(self.fd, line) != len(line):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            if self.partial:
+                os.fsync(self.fd)
+        except OSError:
+            if self.partial:  # a line cut short (a full disk) goes: the file keeps whole lines only
+                os.ftruncate(self.fd, end)
+            raise
+
+    def close(self, finished: bool) -> None:
+        """finished: the run is complete, and PATH.partial becomes PATH."""
+        os.close(self.fd)
+        if finished and self.partial:
+            os.replace(self.partial, self.final)
+            sync_dir(os.path.dirname(self.final))
 
 
 def read_manifest(checkpoint_dir: str):

@@ -6,15 +6,18 @@ import argparse
 import json
 import math
 import os
+import signal
 import statistics
 import sys
+import threading
 import time
 
 import torch
 
 import costmodel
 import tp
-from checkpoint import DEFAULT_CHECKPOINT, MANIFEST, load_model, read_config, verify_checkpoint, write_atomic
+from checkpoint import (DEFAULT_CHECKPOINT, MANIFEST, ResultsLog, check_output, is_stream, load_model, read_config,
+                        verify_checkpoint, write_output)
 from engine import Engine, Request, SpecArgs, device_name, generate, memory_plan, serve
 from kv_cache import DraftLayout, check_fits
 from model import flash_attn_with_kvcache
@@ -52,6 +55,9 @@ def parse_args(argv=None):
                    help="with --requests: one JSON line per finished request, in completion order, flushed as each "
                         "finishes into FILE.jsonl.partial, which becomes FILE.jsonl when the run ends (without it: "
                         "each request's text is printed as it finishes)")
+    p.add_argument("--resume", action="store_true",
+                   help="with --results: keep the results an interrupted run left in FILE.jsonl.partial and serve only "
+                        "the requests it had not finished")
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the checkpoint's chat template as a user turn")
     p.add_argument("--batch_size", type=int, default=0,
                    help="rows (with --requests: slots); >= 0, 0: one per prompt or request; prompts repeat cyclically to fill")
@@ -148,12 +154,21 @@ def parse_args(argv=None):
           "--draft_reselect needs --speculate self (it re-picks the draft's entries from the target's own K/V)")
     check(args.speculate == "draft" or not args.draft_checkpoint_path, "--draft_checkpoint_path needs --speculate draft")
     check(args.speculate != "draft" or args.draft_checkpoint_path, "--speculate draft needs --draft_checkpoint_path")
+    check(not args.resume or args.results, "--resume needs --results")
     args.device = parse_device(args.device)
-    for flag, path in (("--json", args.json), ("--results", args.results)):
-        if path:
-            check_writable(flag, path)
-    for f in args.prompt_file + ([args.requests] if args.requests else []):
+    inputs = args.prompt_file + ([args.requests] if args.requests else [])
+    for f in inputs:
         check(os.path.isfile(f) and os.access(f, os.R_OK), f"{f}: no such readable file")
+    outputs = [(flag, path) for flag, path in (("--json", args.json), ("--results", args.results)) if path]
+    for i, (flag, path) in enumerate(outputs):
+        try:
+            check_output(flag, path, inputs + [p for _, p in outputs[:i]])
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    if args.results and not args.resume and not is_stream(args.results):
+        partial = os.path.realpath(args.results) + ".partial"
+        check(not os.path.exists(partial), f"--results {args.results}: {partial} holds the results of an interrupted "
+                                           f"run: add --resume to keep them and serve only the other requests, or remove it")
     args.checkpoint_path = checkpoint_dir(args.checkpoint_path, "checkpoint")
     if args.draft_checkpoint_path:
         args.draft_checkpoint_path = checkpoint_dir(args.draft_checkpoint_path, "draft checkpoint")
@@ -176,17 +191,6 @@ def parse_device(text):
     elif device.type != "cpu":
         raise UsageError(f"--device {text}: only cpu and cuda are supported")
     return device
-
-
-def check_writable(flag, path):
-    """Create nothing, but make sure the file can be written when the time comes."""
-    d = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise UsageError(f"{flag} {path}: is a directory; give a file path")
-    if not os.path.isdir(d):
-        raise UsageError(f"{flag} {path}: directory {d} does not exist")
-    if not os.access(d, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-        raise UsageError(f"{flag} {path}: not writable")
 
 
 def checkpoint_dir(path, what):
@@ -221,14 +225,15 @@ def read_texts(args) -> list:
             lines = fh.read().splitlines()
         except UnicodeDecodeError:
             raise UsageError(f"--requests {args.requests}: not UTF-8 text") from None
+    seen = {}
     for n, line in enumerate(lines, 1):
         where = f"--requests {args.requests} line {n}"
         if not line.strip():
             continue
         try:
-            req = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UsageError(f"{where}: not valid JSON ({e.msg})") from None
+            req = json.loads(line, parse_constant=refuse_constant)
+        except ValueError as e:
+            raise UsageError(f"{where}: not valid JSON ({getattr(e, 'msg', e)})") from None
         if not isinstance(req, dict):
             raise UsageError(f"{where}: expected a JSON object with a 'prompt'")
         if not isinstance(req.get("prompt"), str):
@@ -242,10 +247,20 @@ def read_texts(args) -> list:
         unknown = set(req) - {"prompt", "max_new_tokens", "id", "stop"}
         if unknown:
             raise UsageError(f"{where}: unknown keys {sorted(unknown)}")
-        out.append((req.get("id", n), req["prompt"], new, where, tuple(stop)))
+        rid = req.get("id", n)
+        if isinstance(rid, bool) or not isinstance(rid, (int, str)):
+            raise UsageError(f"{where}: 'id' must be a string or an integer (got {rid!r})")
+        if rid in seen:
+            raise UsageError(f"{where}: id {rid!r} is also the id of line {seen[rid]}; result lines could not be told apart")
+        seen[rid] = n
+        out.append((rid, req["prompt"], new, where, tuple(stop)))
     if not out:
         raise UsageError(f"--requests {args.requests}: no requests")
     return out
+
+
+def refuse_constant(name):
+    raise ValueError(f"{name} is not standard JSON")
 
 
 def tokenize(args, tokenizer, texts) -> list:
@@ -385,13 +400,13 @@ def run_batch(args, engine, requests, tokenizer, s, say, dtype, world):
         + (f", median {statistics.median(r.tokens_per_s for r in samples):.1f} tokens/s over {len(samples)} samples"
            if len(samples) > 1 else ""))
     if args.json and tp.rank_and_world()[0] == 0:
-        write_atomic(args.json, lambda f: f.write(json.dumps(dict(
+        write_output(args.json, json.dumps(dict(
             tokens=res.tokens, tokens_per_s=res.tokens_per_s, prefill_s=res.prefill_s, decode_s=res.decode_s,
             rounds=res.rounds, acceptance=res.acceptance, tokens_per_round=res.tokens_per_round,
             device=device_name(device), dtype=str(dtype), world_size=world, batch_size=engine.batch_size,
             gamma_per_round=res.gammas, draft_budget=sa.draft_budget, samples_tokens_per_s=[r.tokens_per_s for r in samples],
             bandwidth_GBps=nbytes / round_s / 1e9, peak_memory_bytes=peak_memory(device),
-            args={k: str(v) for k, v in vars(args).items()}), indent=1).encode()))
+            args={k: str(v) for k, v in vars(args).items()}), indent=1).encode())
 
 
 def peak_memory(device) -> int:
@@ -408,31 +423,37 @@ def text_of(tokenizer, ids):
 
 
 def run_requests(args, engine, requests, tokenizer, s, say):
-    rank = tp.rank_and_world()[0]
-    sink = None
-    if args.results and rank == 0:
-        partial = args.results + ".partial"
-        sink = open(partial, "w", encoding="utf-8")
-
+    """--requests: each result is printed, or written to --results the moment it finishes (ResultsLog:
+    whole lines in FILE.partial, which becomes FILE when the stream ends)."""
+    rank, world = tp.rank_and_world()
+    log = ResultsLog(args.results, args.resume) if args.results and rank == 0 else None
+    done_ids = [log.done_ids if log else set()]
+    if world > 1:  # every rank serves the same requests
+        torch.distributed.broadcast_object_list(done_ids, src=0)
+    if done_ids[0]:
+        say(f"resuming: {len(done_ids[0])} of {len(requests)} requests are done in {log.partial}", file=sys.stderr)
+        requests = [r for r in requests if r.id not in done_ids[0]]
     finished = []
 
     def on_finish(req, record):
         finished.append((record["id"], record["tokens"]))
-        if sink is not None:  # one write per finished request, flushed to disk before the next round
-            sink.write(json.dumps(record) + "\n")
-            sink.flush()
-            os.fsync(sink.fileno())
-        else:
+        if log is not None:
+            log.write(record)
+        elif args.results is None:
             say(f"--- request {record['id']} ({record['prompt_tokens']} prompt tokens, {len(record['tokens'])} "
                 f"generated, {record['tokens_per_s']:.1f} tokens/s)\n{record['text']}")
 
-    totals = serve(engine, requests, tokenizer.eos_ids, s, on_finish, decode=lambda ids: text_of(tokenizer, ids))
-    tp.check_agree(finished)
-    if sink is not None:
-        sink.close()
-        os.replace(partial, args.results)
+    complete = False
+    try:
+        totals = serve(engine, requests, tokenizer.eos_ids, s, on_finish, decode=lambda ids: text_of(tokenizer, ids))
+        tp.check_agree(finished)
+        complete = True
+    finally:
+        if log is not None:
+            log.close(finished=complete)
+    seconds = max(totals["seconds"], 1e-9)
     say(f"\n{totals['requests']} requests, {totals['tokens']} tokens in {totals['seconds']:.2f} s: "
-        f"{totals['requests'] / totals['seconds']:.2f} requests/s, {totals['tokens'] / totals['seconds']:.1f} tokens/s "
+        f"{totals['requests'] / seconds:.2f} requests/s, {totals['tokens'] / seconds:.1f} tokens/s "
         f"({engine.batch_size} slots, {totals['rounds']} rounds)")
 
 
@@ -480,14 +501,30 @@ def choose_speculation(args, model, draft_model, batch, max_seq_len, prompt_len,
 
 def cli(argv=None) -> int:
     """main() with its errors as one line on stderr (under torchrun, from rank 0): exit code 2 for bad
-    flags, files and requests, 1 for failures after loading began."""
+    flags, files and requests, 1 for failures after loading began, 130 / 143 when SIGINT / SIGTERM
+    stopped it (what a stream finished stays in its --results FILE.partial, whole lines only)."""
+    def terminated(signum, frame):
+        raise KeyboardInterrupt(signum)
+    previous = signal.signal(signal.SIGTERM, terminated) if threading.current_thread() is threading.main_thread() else None
     try:
         main(argv)
     except UsageError as e:
         tp.fail(f"error: {e}", 2)
     except (ValueError, MemoryError, OSError) as e:  # bad checkpoints, budgets, memory: one line
         tp.fail(f"error: {e}".replace("\n", " "), 1)
+    except KeyboardInterrupt as e:
+        signum = e.args[0] if e.args else signal.SIGINT
+        kept = " (the results finished so far are in --results' .partial file: rerun with --resume)" \
+            if argv_has(argv, "--results") else ""
+        tp.fail(f"error: stopped by {signal.Signals(signum).name}{kept}", 128 + signum)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def argv_has(argv, flag):
+    return flag in (sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":
