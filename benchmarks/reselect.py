@@ -63,6 +63,7 @@ def run_acceptance(a, model, prompts, kind, budget, every, policy, mode, seed):
 
 def acceptance(a, model, prompts):
     results = []
+    save = lambda: common.write_json(a.json, dict(env=common.environment("cpu"), settings=vars(a), acceptance=results))  # noqa: E731
     for mode in a.sampling:
         for kind in a.kinds:
             for budget in a.budgets:
@@ -81,6 +82,7 @@ def acceptance(a, model, prompts):
                               + ", ".join(f"{L}: {rec['acceptance'][L]:.3f}" for L in a.lengths)
                               + f"  (seeds {len(runs)}, rows {rec['rows_range'][0]:.2f}-{rec['rows_range'][1]:.2f})",
                               flush=True)
+                        save()  # a long sweep keeps what it finished
     return dict(acceptance=results)
 
 
@@ -157,12 +159,12 @@ def main(argv=None):
     a = p.parse_args(argv)
     a.kinds, a.policies, a.sampling, a.configs = (x.split(",") for x in (a.kinds, a.policies, a.sampling, a.configs))
     a.lengths = [L for L in a.lengths if L <= a.new_tokens] or [a.new_tokens]
+    a.json = a.json or f"{common.RESULTS}/reselect-{a.what}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     torch.set_grad_enabled(False)
     model = load_model(a.checkpoint_path, "cpu", getattr(torch, a.dtype))
     prompts = common.essay_prompts(load_tokenizer(a.checkpoint_path), a.rows, a.prompt_len, a.essays)
     out = dict(acceptance=acceptance, speed=speed, cost=cost)[a.what](a, model, prompts)
-    path = a.json or f"{common.RESULTS}/reselect-{a.what}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    common.write_json(path, dict(env=common.environment("cpu"), settings=vars(a), **out))
+    common.write_json(a.json, dict(env=common.environment("cpu"), settings=vars(a), **out))
 
 
 if __name__ == "__main__":
