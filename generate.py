@@ -508,19 +508,21 @@ def cli(argv=None) -> int:
     previous = signal.signal(signal.SIGTERM, terminated) if threading.current_thread() is threading.main_thread() else None
     try:
         main(argv)
+        return 0
     except UsageError as e:
-        tp.fail(f"error: {e}", 2)
+        message, code = f"error: {e}", 2
     except (ValueError, MemoryError, OSError) as e:  # bad checkpoints, budgets, memory: one line
-        tp.fail(f"error: {e}".replace("\n", " "), 1)
+        message, code = f"error: {e}".replace("\n", " "), 1
     except KeyboardInterrupt as e:
         signum = e.args[0] if e.args else signal.SIGINT
         kept = " (the results finished so far are in --results' .partial file: rerun with --resume)" \
             if argv_has(argv, "--results") else ""
-        tp.fail(f"error: stopped by {signal.Signals(signum).name}{kept}", 128 + signum)
+        message, code = f"error: stopped by {signal.Signals(signum).name}{kept}", 128 + signum
     finally:
+        # restored before tp.fail: a rank waiting there for torchrun's SIGTERM must just end
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-    return 0
+    tp.fail(message, code)
 
 
 def argv_has(argv, flag):
