@@ -269,10 +269,11 @@ def tokenize(args, tokenizer, texts) -> list:
     for rid, text, new, where, stop in texts:
         if args.chat:
             try:
-                text = tokenizer.apply_chat_template([{"role": "user", "content": text}])
-            except Exception as e:  # the template is the checkpoint's code: whatever it raises is one line
-                raise UsageError(f"--chat: {e}".splitlines()[0]) from None
-        ids = tokenizer.encode(text)
+                ids = tokenizer.encode_chat([{"role": "user", "content": text}])
+            except ValueError as e:  # bad templates, and contents a template cannot keep as text
+                raise UsageError(f"--chat: {e}") from None
+        else:
+            ids = tokenizer.encode(text)
         if not ids:
             raise UsageError(f"{where} is empty")
         bos = [tokenizer.bos_id] if tokenizer.add_bos and tokenizer.bos_id is not None and not args.chat else []

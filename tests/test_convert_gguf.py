@@ -224,8 +224,7 @@ def test_chat_template_matches_transformers(converted):
     # bos_token and eos_token were there; trim_blocks ate the newline after each block tag, as in transformers
     assert text == ('<|im_start|><|im_start|>user\n2+2? {"lang": "日本語", "n": 2}<|im_end|>'
                     '<|im_start|>assistant\n4<|im_end|><|im_end|>')
-    import jinja2
-    with pytest.raises(jinja2.TemplateError, match="unknown role tool"):
+    with pytest.raises(ValueError, match="unknown role tool"):
         ours.apply_chat_template([{"role": "tool", "content": "x"}])
 
 
@@ -404,7 +403,7 @@ def test_smollm2_chat_template_matches_transformers(smollm2_dir, smollm2_gguf):
     text = ours.apply_chat_template(chat, add_generation_prompt=True)
     assert text == ref.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
     expected_ids = ref.apply_chat_template(chat, tokenize=True, add_generation_prompt=True, return_dict=False)
-    assert ours.encode(text) == list(expected_ids)
+    assert ours.encode(text) == list(expected_ids) == ours.encode_chat(chat)
     assert text.endswith("<|im_start|>assistant\n") and ours.encode(text)[0] == ours.bos_id
 
 
