@@ -1,6 +1,8 @@
 # Checkpoint files: config.json read defensively, model.pth loaded as plain tensors (weights_only)
 # and checked against the config tensor by tensor, and the manifest that scripts/convert_gguf.py
 # writes last (each file's size and SHA-256), which decides whether a directory counts as prepared.
+# A converter replacing a checkpoint first puts a manifest saying "being written" (begin_checkpoint),
+# so a directory it was killed in is refused by name, never run as a mix of old and new files.
 # write_atomic is how every output file of this project is written: a reader sees the old file or
 # the whole new one, never a part; write_output and ResultsLog add what a user's output path may be
 # (a symlink, /dev/stdout, one of the run's inputs, a results file that a rerun resumes).
@@ -20,7 +22,7 @@ from model import ModelArgs, Transformer, place, rope_inv_freq
 # the embedded default model, where scripts/prepare_smollm2.py puts it
 DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "HuggingFaceTB",
                                   "SmolLM2-135M-Instruct")
-MANIFEST = "manifest.json"  # written last by scripts/convert_gguf.py: each file's size and sha256
+MANIFEST = "manifest.json"  # written last by the converters: each file's size and sha256
 
 
 def sha256_of(path: str) -> str:
@@ -163,6 +165,21 @@ def read_manifest(checkpoint_dir: str):
     return manifest
 
 
+def begin_checkpoint(out_dir: str, remake: str) -> None:
+    """Mark out_dir as being written before the first file of a conversion replaces anything there."""
+    os.makedirs(out_dir, exist_ok=True)
+    write_atomic(os.path.join(out_dir, MANIFEST), lambda f: f.write(json.dumps(
+        {"format": 1, "writing": True, "files": {}, "remake": f"run {remake}"}, indent=2).encode()))
+
+
+def finish_checkpoint(out_dir: str, written: list, source: dict, remake: str) -> None:
+    """The manifest of a finished conversion: the size and sha256 of each file written, last."""
+    files = {name: {"size": os.path.getsize(os.path.join(out_dir, name)), "sha256": sha256_of(os.path.join(out_dir, name))}
+             for name in written}
+    write_atomic(os.path.join(out_dir, MANIFEST), lambda f: f.write(json.dumps(
+        {"format": 1, "source": source, "files": files, "remake": f"run {remake}"}, indent=2).encode()))
+
+
 def verify_checkpoint(checkpoint_dir: str, hashes: bool = False, fix: str = None) -> None:
     """Raise ValueError (one line, naming the file and the fix) unless manifest.json matches the files.
 
@@ -180,6 +197,9 @@ def verify_checkpoint(checkpoint_dir: str, hashes: bool = False, fix: str = None
         raise ValueError(f"{where} is missing (a conversion that never finished, or none was made){fix}")
     if not manifest:
         raise ValueError(f"{where} is unreadable{fix}")
+    if manifest.get("writing"):
+        raise ValueError(f"{checkpoint_dir}: a conversion into it stopped before it finished, so its files may be "
+                         f"a mix of two checkpoints{fix}")
     entries = dict(manifest["files"])
     source = manifest.get("source") or {}
     if source.get("file") and os.path.dirname(source["file"]) == "" and \
@@ -208,27 +228,58 @@ def read_config(checkpoint_dir: str) -> ModelArgs:
             cfg = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: not readable JSON ({e})".splitlines()[0]) from None
+    return check_config(cfg, path)
+
+
+def check_config(cfg, where: str) -> ModelArgs:
+    """What the engine needs of a config, checked; the converters run it before they write one."""
     if not isinstance(cfg, dict):
-        raise ValueError(f"{path}: expected a JSON object, found {type(cfg).__name__}")
+        raise ValueError(f"{where}: expected a JSON object, found {type(cfg).__name__}")
     for key, required in CONFIG_INTS.items():
         value = cfg.get(key)
         if value is None and not required:
             continue
         if value is None:
-            raise ValueError(f"{path}: missing key {key!r}")
+            raise ValueError(f"{where}: missing key {key!r}")
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{path}: {key!r} must be a positive integer, found {value!r}")
+            raise ValueError(f"{where}: {key!r} must be a positive integer, found {value!r}")
     for key in ("rope_theta", "rms_norm_eps"):
         value = cfg.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
-            raise ValueError(f"{path}: {key!r} must be a positive number, found {value!r}")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0
+                                  or value == float("inf")):
+            raise ValueError(f"{where}: {key!r} must be a positive number, found {value!r}")
     try:
         args = ModelArgs.from_hf_config(cfg)
-    except (ValueError, TypeError, KeyError, AttributeError) as e:
-        raise ValueError(f"{path}: {e}") from None
+    except (ValueError, TypeError, KeyError, AttributeError, ZeroDivisionError) as e:
+        raise ValueError(f"{where}: {e}") from None
     if args.n_head * args.head_dim != args.dim and not cfg.get("head_dim"):
-        raise ValueError(f"{path}: hidden_size {args.dim} is not num_attention_heads {args.n_head} x a head size")
+        raise ValueError(f"{where}: hidden_size {args.dim} is not num_attention_heads {args.n_head} x a head size")
+    if args.n_head % args.n_kv_head:
+        raise ValueError(f"{where}: num_attention_heads {args.n_head} is not a multiple of num_key_value_heads "
+                         f"{args.n_kv_head}")
+    if args.head_dim % 2:
+        raise ValueError(f"{where}: the head size {args.head_dim} is odd; RoPE rotates pairs")
     return args
+
+
+def check_state(args: ModelArgs, state: dict, where: str) -> dict:
+    """-> the state dict the model takes (a tied output copy dropped), or ValueError naming the first
+    tensor missing, unexpected or of the wrong shape. The converters run it before they write one."""
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{where}: expected a dict of tensors")
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in Transformer(args).state_dict().items()}
+    if args.tie_embeddings:
+        state = {k: v for k, v in state.items() if k != "output.weight"}
+        shapes.pop("output.weight", None)
+    missing, unexpected = shapes.keys() - state.keys(), state.keys() - shapes.keys()
+    if missing or unexpected:
+        raise ValueError(f"{where}: state dict does not match config.json "
+                         f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    for k, shape in shapes.items():
+        if state[k].shape != shape:
+            raise ValueError(f"{where}: tensor {k} has shape {list(state[k].shape)}, config.json implies {list(shape)}")
+    return state
 
 
 def load_model(checkpoint_dir: str, device="cpu", dtype=torch.float32) -> Transformer:
@@ -244,18 +295,7 @@ def load_model(checkpoint_dir: str, device="cpu", dtype=torch.float32) -> Transf
         raise ValueError(f"{path}: refused: holds pickled objects, not just tensors (loaded with weights_only=True)") from None
     except Exception as e:
         raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}); re-create it") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path}: expected a dict of tensors")
-    if args.tie_embeddings:
-        state.pop("output.weight", None)
-    shapes = {k: v.shape for k, v in model.state_dict().items() if not (args.tie_embeddings and k == "output.weight")}
-    missing, unexpected = shapes.keys() - state.keys(), state.keys() - shapes.keys()
-    if missing or unexpected:
-        raise ValueError(f"{path}: state dict does not match config.json "
-                         f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
-    for k, shape in shapes.items():
-        if state[k].shape != shape:
-            raise ValueError(f"{path}: tensor {k} has shape {list(state[k].shape)}, config.json implies {list(shape)}")
+    state = check_state(args, state, path)
     model.load_state_dict(state, assign=True, strict=False)
     model.inv_freq = rope_inv_freq(args)  # a non-persistent buffer: still on the meta device
     if args.tie_embeddings:

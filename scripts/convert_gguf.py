@@ -13,9 +13,12 @@ Writes into DIR (default: the GGUF's own directory):
 Architectures: llama (also what llama.cpp writes for Mistral 7B and SmolLM2) and qwen2. Quantized
 tensors are dequantized with gguf.quants.dequantize, so "the model" is the quantized one.
 
-Each file is written under a temporary name, fsynced and renamed, and the manifest goes last, so a
-directory with a manifest that matches its files is a finished conversion. verify_checkpoint() checks
-that; loading code can call it cheaply (sizes only), the prepare step with hashes.
+Nothing is written until everything the engine relies on is checked (metadata, tensor shapes and
+offsets, vocabulary). Then a manifest saying "being written" goes first, each file is written under
+a temporary name, fsynced and renamed, and the real manifest goes last: a directory with a manifest
+that matches its files is a finished conversion, and one killed midway is refused by the engine.
+verify_checkpoint() checks that; loading code can call it cheaply (sizes only), the prepare step
+with hashes.
 """
 import argparse
 import base64
@@ -30,7 +33,8 @@ import torch
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
-from checkpoint import MANIFEST, read_manifest, sha256_of, sync_dir, verify_checkpoint, write_atomic  # noqa: E402
+from checkpoint import (MANIFEST, begin_checkpoint, check_config, check_state, finish_checkpoint,  # noqa: E402
+                        read_manifest, sha256_of, sync_dir, verify_checkpoint, write_atomic)
 from tokenizer import LLAMA3_SPLIT  # noqa: E402  (the tokenizer reads the pattern we write)
 
 TOKENIZER_FILE = "bpe_tokenizer.json"  # not "tokenizer.json": transformers would take that for its own format
@@ -88,6 +92,11 @@ def open_gguf(path: str):
     for t in reader.tensors:
         if t.data_offset + t.n_bytes > size:
             raise ValueError(f"{path}: truncated GGUF (tensor {t.name} runs past the end of the file)")
+    # nor that tensors keep to their own bytes: two that share some would load as each other's data
+    placed = sorted(reader.tensors, key=lambda t: t.data_offset)
+    for a, b in zip(placed, placed[1:]):
+        if a.data_offset + a.n_bytes > b.data_offset:
+            raise ValueError(f"{path}: tensors {a.name} and {b.name} overlap in the file (corrupt GGUF)")
     return reader
 
 
@@ -153,7 +162,10 @@ def convert_weights(reader, arch: str, n_head: int, n_kv: int) -> dict:
         except NotImplementedError:
             raise ValueError(f"tensor {name} has type {t.tensor_type.name}, which gguf cannot dequantize") from None
         # GGUF lists dimensions innermost first; torch order is the reverse.
-        w = np.ascontiguousarray(w).reshape(tuple(int(d) for d in reversed(t.shape)))
+        shape = tuple(int(d) for d in reversed(t.shape))
+        if w.size != int(np.prod(shape)):
+            raise ValueError(f"tensor {name} holds {w.size} values, its shape {list(shape)} says {int(np.prod(shape))}")
+        w = np.ascontiguousarray(w).reshape(shape)
         return torch.from_numpy(w.astype(np.float32, copy=False).copy())  # copy: never a view of the mapped file
 
     # llama.cpp's converter reorders llama's Q and K rows into the interleaved RoPE layout model.py
@@ -249,13 +261,16 @@ def make_tokenizer(reader) -> dict:
     pre = field(reader, "tokenizer.ggml.pre", "gpt2")
     if pre not in SPLITS:
         raise ValueError(f"pre-tokenizer {pre!r} is not supported (known: {', '.join(sorted(SPLITS))})")
-    tokens = need(reader, "tokenizer.ggml.tokens")
-    types = need(reader, "tokenizer.ggml.token_type")
+    tokens, types = vocabulary(reader)
     ids = {t: i for i, t in enumerate(tokens)}
     # tiktoken merges the adjacent pair whose *result* has the lowest rank, and returns ranks as ids.
     # That equals the merge-list order only if each merge's result has a larger id than every earlier
     # merge's result; check it instead of assuming it.
-    results = [ids["".join(m.split(" "))] for m in need(reader, "tokenizer.ggml.merges")]
+    merges = need(reader, "tokenizer.ggml.merges")
+    unknown = next((m for m in merges if "".join(m.split(" ")) not in ids), None)
+    if unknown is not None:
+        raise ValueError(f"tokenizer.ggml.merges: the merge {unknown!r} makes no token of the vocabulary")
+    results = [ids["".join(m.split(" "))] for m in merges]
     if any(b <= a for a, b in zip(results, results[1:])):
         raise ValueError("token ids do not follow merge order; ids cannot serve as tiktoken ranks")
     byte_of = gpt2_byte_alphabet()
@@ -273,6 +288,21 @@ def make_tokenizer(reader) -> dict:
     return {"type": "byte_bpe", "pattern": SPLITS[pre], "ranks": ranks, "special_tokens": special,
             "bos_id": bos, "eos_ids": sorted(eos - {None}), "vocab_size": len(tokens),
             "add_bos": bool(field(reader, "tokenizer.ggml.add_bos_token"))}
+
+
+def vocabulary(reader):
+    """(tokens, token types), with the ids that name tokens checked against them."""
+    tokens = field(reader, "tokenizer.ggml.tokens")
+    types = field(reader, "tokenizer.ggml.token_type") or []
+    if not tokens:
+        raise ValueError("tokenizer.ggml.tokens is empty: the GGUF has no vocabulary")
+    if len(types) != len(tokens):
+        raise ValueError(f"tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens")
+    for key in ("bos", "eos", "eot", "eom", "unknown", "padding"):
+        i = field(reader, f"tokenizer.ggml.{key}_token_id")
+        if i is not None and not 0 <= i < len(tokens):
+            raise ValueError(f"tokenizer.ggml.{key}_token_id is {i}, outside the {len(tokens)} tokens")
+    return tokens, types
 
 
 def protobuf_varint(n: int) -> bytes:
@@ -304,9 +334,10 @@ def make_sentencepiece_model(reader) -> bytes:
         byte_fallback (35), unk/bos/eos/pad ids (40-43)
       normalizer_spec (3): name (1) "identity", add_dummy_prefix (3), remove_extra_whitespaces (4),
         escape_whitespaces (5): Llama's settings, with the prefix space as the GGUF says."""
-    tokens = need(reader, "tokenizer.ggml.tokens")
+    tokens, types = vocabulary(reader)
     scores = need(reader, "tokenizer.ggml.scores")
-    types = need(reader, "tokenizer.ggml.token_type")
+    if len(scores) != len(tokens):
+        raise ValueError(f"tokenizer.ggml.scores has {len(scores)} entries for {len(tokens)} tokens")
     if field(reader, "tokenizer.ggml.precompiled_charsmap"):
         raise ValueError("sentencepiece vocabularies with a normalization map (precompiled_charsmap) "
                          "are not supported")
@@ -370,7 +401,9 @@ def convert(gguf_path: str, out_dir: str = None, force: bool = False, remake: st
         source["file"] = os.path.abspath(gguf_path)  # recorded, but only checked when it sits in out_dir
 
     old = read_manifest(out_dir)
-    if old and not force:
+    if old and old.get("writing"):
+        print(f"{out_dir}: finishing a conversion that stopped before it finished")
+    elif old and not force:
         same = {k: v for k, v in (old.get("source") or {}).items() if k != "file"} == \
                {k: v for k, v in source.items() if k != "file"}
         if not same:
@@ -388,6 +421,11 @@ def convert(gguf_path: str, out_dir: str = None, force: bool = False, remake: st
 
     n_head = need(reader, f"{arch}.attention.head_count")
     n_kv = field(reader, f"{arch}.attention.head_count_kv", n_head)
+    for key, n in (("head_count", n_head), ("head_count_kv", n_kv)):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"{arch}.attention.{key} must be a positive integer, found {n!r}")
+    if n_head % n_kv:
+        raise ValueError(f"{arch}.attention.head_count {n_head} is not a multiple of head_count_kv {n_kv}")
     vocab_kind = field(reader, "tokenizer.ggml.model")
     if vocab_kind not in ("gpt2", "llama"):
         raise ValueError(f"{gguf_path}: vocabulary type {vocab_kind!r} is not supported "
@@ -397,11 +435,17 @@ def convert(gguf_path: str, out_dir: str = None, force: bool = False, remake: st
     chat = make_chat_template(reader)
     state = convert_weights(reader, arch, n_head, n_kv)
     config = make_config(reader, arch, state)
+    # everything the engine will rely on, checked with the engine's own checks before anything is written
+    args = check_config(config, f"{gguf_path}'s metadata")
+    check_state(args, state, gguf_path)
+    n_tokens = len(field(reader, "tokenizer.ggml.tokens"))
+    if n_tokens > args.vocab_size:
+        raise ValueError(f"{gguf_path}: the vocabulary has {n_tokens} tokens, token_embd.weight rows for {args.vocab_size}")
 
-    os.makedirs(out_dir, exist_ok=True)
-    path = {name: os.path.join(out_dir, name) for name in (*OUTPUTS, MANIFEST)}
-    # The old manifest goes first: from here until the new one is written, nothing here counts as verified.
-    remove(path[MANIFEST])
+    path = {name: os.path.join(out_dir, name) for name in OUTPUTS}
+    remake = remake or f"python scripts/convert_gguf.py {gguf_path} --out {out_dir} --force"
+    # From here until the new manifest is written, the directory says it is being written.
+    begin_checkpoint(out_dir, remake)
     write_atomic(path["model.pth"], lambda f: torch.save(state, f))
     n_params = sum(v.numel() for v in state.values())
     print(f"wrote {path['model.pth']} ({len(state)} fp32 tensors, {n_params / 1e6:.1f}M parameters, "
@@ -426,10 +470,8 @@ def convert(gguf_path: str, out_dir: str = None, force: bool = False, remake: st
         if name not in written:
             remove(path[name])
 
-    files = {name: {"size": os.path.getsize(path[name]), "sha256": sha256_of(path[name])} for name in written}
-    remake = remake or f"python scripts/convert_gguf.py {gguf_path} --out {out_dir} --force"
-    write_json(path[MANIFEST], {"format": 1, "source": source, "files": files, "remake": f"run {remake}"}, indent=2)
-    print("wrote", path[MANIFEST])
+    finish_checkpoint(out_dir, written, source, remake)
+    print("wrote", os.path.join(out_dir, MANIFEST))
     return out_dir
 
 

@@ -1,7 +1,11 @@
 """Convert a Hugging Face Llama / Mistral / Qwen2 checkpoint (safetensors) into the layout model.py loads:
 model.pth (plain dict of tensors, fused wqkv, interleaved RoPE) plus config.json and the tokenizer files.
 
-    python scripts/convert_hf_checkpoint.py --checkpoint_dir checkpoints/meta-llama/Llama-3.2-1B
+    python scripts/convert_hf_checkpoint.py --checkpoint_dir checkpoints/meta-llama/Llama-3.2-1B [--out DIR] [--force]
+
+Everything is checked with the engine's own checks before anything is written. A directory that
+already holds a model.pth is replaced only with --force; while it is replaced its manifest says so,
+and manifest.json (each file's size and sha256) is written last, as scripts/convert_gguf.py does.
 """
 import argparse
 import json
@@ -11,6 +15,11 @@ import sys
 
 import torch
 from safetensors import SafetensorError, safe_open
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+from checkpoint import begin_checkpoint, check_config, check_state, finish_checkpoint, read_manifest, write_atomic  # noqa: E402
 
 SUPPORTED = ("llama", "mistral", "qwen2")
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -51,8 +60,11 @@ def open_weights(checkpoint_dir: str) -> dict:
     return handles
 
 
-def convert(checkpoint_dir: str, out_dir: str = None, dtype: str = "auto") -> str:
+def convert(checkpoint_dir: str, out_dir: str = None, dtype: str = "auto", force: bool = False) -> str:
     out_dir = out_dir or checkpoint_dir
+    old = read_manifest(out_dir)
+    if os.path.exists(os.path.join(out_dir, "model.pth")) and not force and not (old and old.get("writing")):
+        raise ValueError(f"{out_dir} already has a model.pth; pass --force to replace it")
     if not os.path.isdir(checkpoint_dir):
         raise FileNotFoundError(f"checkpoint dir {checkpoint_dir} does not exist")
     if not os.path.isfile(os.path.join(checkpoint_dir, "config.json")):
@@ -61,6 +73,7 @@ def convert(checkpoint_dir: str, out_dir: str = None, dtype: str = "auto") -> st
         cfg = json.load(f)
     if cfg.get("model_type") not in SUPPORTED:
         raise ValueError(f"model_type {cfg.get('model_type')!r} is not supported (only {', '.join(SUPPORTED)})")
+    args = check_config(cfg, os.path.join(checkpoint_dir, "config.json"))  # before any weight is read
     window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
     if window and window < cfg.get("max_position_embeddings", 0):
         print(f"warning: sliding_window={window} is ignored; attention is full-context", file=sys.stderr)
@@ -93,16 +106,22 @@ def convert(checkpoint_dir: str, out_dir: str = None, dtype: str = "auto") -> st
 
     if DTYPES[dtype] is not None:
         state = {k: v.to(DTYPES[dtype]) for k, v in state.items()}
-    os.makedirs(out_dir, exist_ok=True)
-    tmp = os.path.join(out_dir, "model.pth.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, os.path.join(out_dir, "model.pth"))  # never leave a half-written model.pth behind
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(cfg, f, indent=2)
+    check_state(args, state, checkpoint_dir)
+
+    remake = f"python scripts/convert_hf_checkpoint.py --checkpoint_dir {checkpoint_dir} --out {out_dir} --force"
+    begin_checkpoint(out_dir, remake)
+    write_atomic(os.path.join(out_dir, "model.pth"), lambda f: torch.save(state, f))
+    write_atomic(os.path.join(out_dir, "config.json"), lambda f: f.write(json.dumps(cfg, indent=2).encode()))
+    written = ["model.pth", "config.json"]
     for name in TOKENIZER_FILES:
         path = os.path.join(checkpoint_dir, name)
-        if os.path.isfile(path) and os.path.realpath(out_dir) != os.path.realpath(checkpoint_dir):
-            shutil.copy(path, out_dir)
+        if not os.path.isfile(path):
+            continue
+        if os.path.realpath(out_dir) != os.path.realpath(checkpoint_dir):
+            with open(path, "rb") as src_file:
+                write_atomic(os.path.join(out_dir, name), lambda f: shutil.copyfileobj(src_file, f))
+        written.append(name)
+    finish_checkpoint(out_dir, written, {"checkpoint_dir": os.path.abspath(checkpoint_dir)}, remake)
     return out_dir
 
 
@@ -111,13 +130,16 @@ def main(argv=None):
     ap.add_argument("--checkpoint_dir", required=True, help="HF directory with config.json and *.safetensors")
     ap.add_argument("--out", default=None, help="output directory (default: --checkpoint_dir)")
     ap.add_argument("--dtype", default="auto", choices=DTYPES, help="auto keeps the checkpoint's dtype")
+    ap.add_argument("--force", action="store_true", help="replace a model.pth already in the output directory")
     a = ap.parse_args(argv)
     try:
-        out = convert(a.checkpoint_dir, a.out, a.dtype)
+        out = convert(a.checkpoint_dir, a.out, a.dtype, a.force)
     except KeyError as e:
         sys.exit(f"error: config.json or the shard index lacks key {e}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted; the output directory's manifest says so until a rerun with --force finishes")
     except (OSError, ValueError) as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {e}".replace("\n", " "))
     print(f"wrote {os.path.join(out, 'model.pth')}")
 
 

@@ -84,7 +84,7 @@ def test_config_fields(converted):
     want = dict(dim=64, n_layer=2, n_head=4, n_kv_head=2, head_dim=16, intermediate_size=96, vocab_size=200,
                 block_size=512, norm_eps=1e-6, **EXPECTED[name])
     assert {k: getattr(args, k) for k in want} == want
-    assert sorted(os.listdir(out)) == ["config.json", "model.pth", "tokenizer.json", "tokenizer_config.json"]
+    assert sorted(os.listdir(out)) == ["config.json", "manifest.json", "model.pth", "tokenizer.json", "tokenizer_config.json"]
 
 
 def test_logits_match_transformers(converted):
@@ -161,3 +161,27 @@ def test_config_reads_nested_rope_parameters():
     assert args.rope_base == 5e5 and args.rope_scaling["rope_type"] == "llama3" and args.rope_scaling["factor"] == LLAMA3["factor"]
     args = ModelArgs.from_hf_config(dict(base, rope_parameters={"rope_type": "default", "rope_theta": 1.0}))
     assert args.rope_base == 1.0 and args.rope_scaling is None
+
+
+def test_replacing_needs_force_and_leaves_a_fresh_manifest(tmp_path, one_line_error):
+    from checkpoint import verify_checkpoint
+    _, out = build(tmp_path, "llama")
+    verify_checkpoint(str(out), hashes=True)  # files, config and the tokenizer files copied: all listed
+    listed = json.loads((out / "manifest.json").read_text())["files"]
+    assert {"model.pth", "config.json", "tokenizer.json", "tokenizer_config.json"} <= listed.keys()
+    before = (out / "model.pth").stat().st_mtime_ns
+    assert "pass --force" in one_line_error(conv.main, ["--checkpoint_dir", str(tmp_path / "hf"), "--out", str(out)])
+    assert (out / "model.pth").stat().st_mtime_ns == before
+    conv.main(["--checkpoint_dir", str(tmp_path / "hf"), "--out", str(out), "--force", "--dtype", "bfloat16"])
+    verify_checkpoint(str(out), hashes=True)  # the manifest describes the new files, not the old ones
+    assert load_model(str(out)).tok_embeddings.weight.dtype == torch.float32  # place() casts; the file is bf16
+    assert torch.load(out / "model.pth", weights_only=True)["norm.weight"].dtype == torch.bfloat16
+
+
+def test_a_config_the_engine_cannot_run_writes_nothing(tmp_path, one_line_error):
+    hf, _ = build(tmp_path, "llama")
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(dict(cfg, num_key_value_heads=3)))
+    msg = one_line_error(conv.main, ["--checkpoint_dir", str(tmp_path / "hf"), "--out", str(tmp_path / "bad")])
+    assert "num_key_value_heads" in msg or "not a multiple" in msg, msg
+    assert not (tmp_path / "bad").exists()

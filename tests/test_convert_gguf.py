@@ -493,3 +493,84 @@ def test_sentencepiece_vocabulary(tmp_path):
     print("transformers agrees on", agree)
     # transformers' reading of the same GGUF agrees on ordinary text (not on runs of leading spaces)
     assert {"the lazy fox saves gold", "new\nline and\ttab", "It's 2024, café!"} <= set(agree)
+
+
+# ---------------------------------------------------------------- hostile GGUFs, and a kill mid-replace
+
+def patch_gguf(path, key=None, value=None, tensor=None, offset_of=None):
+    """Rewrite one metadata value (key -> value) or point one tensor's data at another's (tensor ->
+    offset_of), in place, as a hand-edited or corrupt file would have them."""
+    reader = gguf.GGUFReader(str(path), "r+")
+    if key is not None:
+        reader.fields[key].parts[-1][0] = value
+    else:
+        by_name = {t.name: t for t in reader.tensors}
+        by_name[tensor].field.parts[-1][0] = by_name[offset_of].field.parts[-1][0]
+    reader.data.flush()
+    return path
+
+
+def hostile_cases(tmp_path):
+    weights = random_weights("llama", tied=True)
+    fresh = lambda name, **kw: write_gguf(tmp_path / f"{name}.gguf", weights=kw.pop("w", weights), **kw)  # noqa: E731
+    bad_q = dict(weights, **{"blk.1.attn_q.weight": weights["blk.1.attn_q.weight"][:-HEAD_DIM]})
+    return {
+        "zero heads": (patch_gguf(fresh("h0"), "llama.attention.head_count", 0), "head_count must be a positive"),
+        "kv heads not dividing": (patch_gguf(fresh("h3"), "llama.attention.head_count_kv", 3), "not a multiple"),
+        "ffn length contradicting tensors": (patch_gguf(fresh("ffn"), "llama.feed_forward_length", FFN + 8),
+                                             "feed_forward.w1.weight has shape"),
+        "q rows contradicting heads": (fresh("q", w=bad_q), "wqkv.weight has shape"),
+        "zero context": (patch_gguf(fresh("ctx"), "llama.context_length", 0), "max_position_embeddings"),
+        "eos outside the vocabulary": (patch_gguf(fresh("eos"), "tokenizer.ggml.eos_token_id", 10 ** 6),
+                                       "eos_token_id is 1000000"),
+        "overlapping tensors": (patch_gguf(fresh("overlap"), tensor="blk.1.ffn_up.weight", offset_of="blk.1.ffn_gate.weight"),
+                                "overlap"),
+        "no tokens": (write_gguf(tmp_path / "novocab.gguf", weights=weights, add_vocab=lambda w: (
+            w.add_tokenizer_model("gpt2"), w.add_token_list([]), w.add_token_types([]), w.add_token_merges([]))),
+            "no vocabulary"),
+    }
+
+
+def test_hostile_ggufs_are_refused_before_anything_is_written(tmp_path, one_line_error):
+    for case, (src, needle) in hostile_cases(tmp_path).items():
+        out = tmp_path / f"out-{src.stem}"
+        msg = one_line_error(conv.main, [str(src), "--out", str(out)])
+        assert needle in msg, (case, msg)
+        assert not out.exists(), case  # nothing written, not even the directory
+    # and as a real process: one line, no traceback
+    (tmp_path / "again").mkdir()
+    src, needle = hostile_cases(tmp_path / "again")["zero heads"]
+    assert_one_line_failure(run_script("convert_gguf.py", src, "--out", tmp_path / "o"), needle)
+
+
+def test_a_kill_during_replace_leaves_a_directory_the_engine_refuses(tmp_path):
+    """convert_gguf.py --force over a finished checkpoint, killed (SIGKILL) once it has begun replacing
+    files: generate.py refuses the directory by name instead of running a mix; a rerun without
+    --force finishes it, and then it runs."""
+    import signal
+    a = write_gguf(tmp_path / "a.gguf", weights=random_weights("llama", tied=True))
+    b = write_gguf(tmp_path / "b.gguf", weights=random_weights("llama", tied=False, seed=1))
+    out = tmp_path / "ours"
+    conv.main([str(a), "--out", str(out)])
+    old_model = (out / "model.pth").read_bytes()
+    p = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "convert_gguf.py"), str(b), "--out", str(out), "--force"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in p.stdout:  # the new model.pth is in place; config.json and the rest are still the old ones
+            if line.startswith("wrote") and "model.pth" in line:
+                os.kill(p.pid, signal.SIGSTOP)  # stopped right here, then killed: no race with its next writes
+                break
+        os.kill(p.pid, signal.SIGKILL)
+    finally:
+        p.wait(timeout=30)
+        p.stdout.close(), p.stderr.close()
+    assert (out / "model.pth").read_bytes() != old_model  # it did get half way
+    assert json.loads((out / "manifest.json").read_text()).get("writing")
+    gen = [sys.executable, str(ROOT / "generate.py"), "--checkpoint_path", str(out), "--prompt", "hi", "--max_new_tokens", "2"]
+    r = subprocess.run(gen, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "stopped before it finished" in r.stderr, r.stderr
+    assert "--force" in r.stderr  # the fix is named
+    conv.main([str(b), "--out", str(out)])  # no --force needed to finish what was begun
+    conv.verify_checkpoint(str(out), hashes=True)
+    assert json.loads((out / "manifest.json").read_text())["source"]["sha256"] == conv.sha256_of(str(b))
+    assert subprocess.run(gen, capture_output=True, text=True, timeout=120).returncode == 0
