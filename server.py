@@ -28,7 +28,6 @@ import generate as G
 from engine import Request, RequestQueue, serve, text_until_stop
 from spec import Sampling
 
-DRAIN_S = 5.0  # after SIGINT/SIGTERM, how long requests in flight may take to finish before they are cut off
 MAX_BODY = 1 << 24  # bytes of a request body
 POLL_S = 0.2  # how often a waiting handler looks whether its client went away
 MAX_STOP = 4  # stop strings a request may give, as OpenAI allows
@@ -476,6 +475,9 @@ def parse_args(argv=None):
     p.add_argument("--port", type=int, default=8000, help="0-65535; 0: any free port (the ready line names it)")
     p.add_argument("--max_queue", type=int, default=64,
                    help="requests that may wait for a slot, >= 1; one more is refused at once with 429")
+    p.add_argument("--shutdown_timeout", type=float, default=5.0,
+                   help="seconds the requests in flight get to finish after SIGINT/SIGTERM before they are cut off "
+                        "(with a 503), >= 0")
     p.add_argument("--api_key", default=os.environ.get("SERVER_API_KEY"),
                    help="clients must send 'Authorization: Bearer KEY' (default: $SERVER_API_KEY; unset: no check)")
     args = G.parse_args(argv, p)
@@ -483,6 +485,8 @@ def parse_args(argv=None):
         raise G.UsageError(f"--port must be in 0-65535 (got {args.port})")
     if args.max_queue < 1:
         raise G.UsageError(f"--max_queue must be >= 1 (got {args.max_queue})")
+    if not (math.isfinite(args.shutdown_timeout) and args.shutdown_timeout >= 0):
+        raise G.UsageError(f"--shutdown_timeout must be finite and >= 0 (got {args.shutdown_timeout})")
     if args.api_key is not None and not args.api_key:
         raise G.UsageError("--api_key must not be empty")
     return args
@@ -530,22 +534,22 @@ def main(argv=None) -> int:
             f"each, {spec}, {device}, {dtype})", flush=True)
         while not stop.is_set() and not state.loop_done.is_set():
             stop.wait(0.2)
-        return shut_down(state, httpd, say)
+        return shut_down(state, httpd, say, args.shutdown_timeout)
     finally:
         httpd.server_close()
 
 
-def shut_down(state: Server, httpd, say) -> int:
-    """Stop taking requests; let those in flight finish for up to DRAIN_S, then cut them off; give
-    their handlers a moment to answer -> the exit code: 1 if the engine failed, else 0."""
+def shut_down(state: Server, httpd, say, timeout) -> int:
+    """Stop taking requests; let those in flight finish for up to timeout seconds, then cut them off;
+    give their handlers a moment to answer -> the exit code: 1 if the engine failed, else 0."""
     if state.failed is None:
         with state.lock:
             state.draining, n = True, len(state.events)
-        say(f"stopping: {n} request(s) in flight get {DRAIN_S:.0f} s to finish", file=sys.stderr, flush=True)
+        say(f"stopping: {n} request(s) in flight get {timeout:g} s to finish", file=sys.stderr, flush=True)
         state.queue.close()
-        if not state.loop_done.wait(DRAIN_S):
+        if not state.loop_done.wait(timeout):
             state.fail_all(503, "the server shut down before the request finished")
-            state.loop_done.wait(DRAIN_S)  # the round under way ends, then the loop sees every row cancelled
+            state.loop_done.wait(5.0)  # the round under way ends, then the loop sees every row cancelled
     deadline = time.monotonic() + 2.0
     while state.handlers and time.monotonic() < deadline:  # their answers (or 500s) go out
         time.sleep(0.02)
