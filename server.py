@@ -76,8 +76,9 @@ def conversation(messages) -> list:
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
         check(isinstance(m, dict), f"{where} must be an object with 'role' and 'content'", where)
-        for key in sorted(set(m) - {"role", "content", "name"}):
-            raise ApiError(400, f"{where}: unknown field {key!r}", f"{where}.{key}", "unknown_field")
+        unknown = sorted(set(m) - {"role", "content", "name"})
+        if unknown:
+            raise ApiError(400, f"{where}: unknown field {unknown[0]!r}", f"{where}.{unknown[0]}", "unknown_field")
         check(m.get("role") in ROLES, f"{where}.role must be one of {', '.join(ROLES)}", f"{where}.role")
         content = m.get("content")
         if isinstance(content, list):  # parts: only text ones
@@ -93,8 +94,9 @@ def parse_request(body, path, *, tokenizer, model_name, s: Sampling, max_seq_len
     """A request body -> (Request, stream, include_usage), or ApiError: every field checked, the prompt
     tokenized and measured against the cache before anything queues."""
     check(isinstance(body, dict), "the request body must be a JSON object", None)
-    for key in sorted(set(body) - FIELDS[path]):
-        raise ApiError(400, f"unknown field {key!r}", key, "unknown_field")
+    unknown = sorted(set(body) - FIELDS[path])
+    if unknown:
+        raise ApiError(400, f"unknown field {unknown[0]!r}", unknown[0], "unknown_field")
     body = {k: v for k, v in body.items() if v is not None}  # OpenAI's clients send null for "not given"
     model = body.get("model")
     check(isinstance(model, str), "model must be a string (GET /v1/models lists it)", "model")
@@ -114,8 +116,7 @@ def parse_request(body, path, *, tokenizer, model_name, s: Sampling, max_seq_len
             check(number(body[name]), f"{name} must be a number", name)
             check(body[name] == want, f"{name} must be {want} on this server", name, "unsupported_value")
     check(body.get("echo", False) is False, "echo must be false on this server", "echo", "unsupported_value")
-    check(body.get("logprobs", False) in (False, 0) and not isinstance(body.get("logprobs"), float),
-          "logprobs are not returned by this server", "logprobs", "unsupported_value")
+    check(not body.get("logprobs"), "logprobs are not returned by this server", "logprobs", "unsupported_value")
     check(isinstance(body.get("user", ""), str), "user must be a string", "user")
     stream = body.get("stream", False)
     check(isinstance(stream, bool), "stream must be a boolean", "stream")
@@ -360,15 +361,21 @@ class Handler(BaseHTTPRequestHandler):
             return True
 
     def next_event(self, req, events):
-        """The request's next event; None once its client has gone (the request is then cancelled)."""
+        """The request's next event; None once its client has gone (the request is then cancelled).
+        The client is looked at every POLL_S, events or not: a request that is not streamed hears
+        nothing from its client's side otherwise."""
         while True:
-            try:
-                return events.get(timeout=POLL_S)
-            except queue.Empty:
+            now = time.monotonic()
+            if now >= getattr(self, "next_look", 0):
+                self.next_look = now + POLL_S
                 if self.client_gone():
                     self.state.cancel(req)
                     self.close_connection = True
                     return None
+            try:
+                return events.get(timeout=POLL_S)
+            except queue.Empty:
+                pass
 
     def usage(self, req, record):
         n = len(record["tokens"])

@@ -10,6 +10,7 @@ import json
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -250,6 +251,17 @@ def test_a_client_that_goes_away_frees_its_slot(ar):
         time.sleep(0.05)
     assert h["requests_cancelled"] == before["requests_cancelled"] + 2
     assert h["completion_tokens"] - before["completion_tokens"] < 1000  # neither ran to its end
+    # not streamed: the client sends its request and hangs up while it runs
+    body = json.dumps({"model": model, "prompt": LONG, "max_tokens": 1000}).encode()
+    with socket.create_connection(("127.0.0.1", ar.port)) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode()
+                     + b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        while not ar.health()["running"]:
+            assert time.monotonic() < deadline + 10
+            time.sleep(0.02)
+    while (h := ar.health())["running"] or h["requests_cancelled"] < before["requests_cancelled"] + 3:
+        assert time.monotonic() < deadline + 15, h
+        time.sleep(0.05)
     r = ar.client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=5)
     assert r.usage.completion_tokens == 5 and ar.health()["running"] == 0
 
