@@ -5,7 +5,9 @@ against self-speculation at the same slot counts: the latency-throughput curve M
                                  [--prompt_lens 256,1024] [--new_tokens 32,128] [--compile]
     python -m benchmarks.serving --quick          (a smoke run: 2 slots, 2 rates, 4 short requests)
 
-One server process per mode (ar; sd: --speculate self) and slot count. For each rate, --requests
+One server process per mode (ar; sd: --speculate self) and slot count, the two side by side (an
+idle one sleeps), taking turns at each rate, --cycles times: the CPU's drift falls on both alike, and
+SD/AR ratios are taken within a cycle, then the median over cycles. For each rate, --requests
 requests arrive as a Poisson process (exponential gaps at that mean rate per second; inf: all at
 once), each an essay stretch (token ids: exact lengths) with prompt length and max_tokens drawn
 uniformly from the given ranges (--seed, recorded; the same requests for every server and rate),
@@ -15,7 +17,8 @@ streamed through the openai client with include_usage. Per rate:
   latency       send -> last chunk;  p50, p90, p99 and mean of each
   acceptance    accepted / evaluated drafts over the rate's requests, from the server's /health
 The JSON goes under benchmarks/results/, the plot (throughput against p50 TPOT, one curve per mode,
-a point per slot count at the highest rate, MagicDec's Figure 1 layout) under benchmarks/plots/.
+a point per slot count at the highest rate, medians over cycles; MagicDec's Figure 1 layout) under
+benchmarks/plots/.
 """
 import argparse
 import json
@@ -23,6 +26,7 @@ import math
 import os
 import random
 import select
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,7 +36,8 @@ import urllib.request
 
 import numpy as np
 
-from benchmarks.common import RESULTS, ROOT, SMOLLM2, environment, essay_prompts, ints, write_json
+from benchmarks.common import (RESULTS, ROOT, SMOLLM2, cpu_counters, cpu_stolen_since, environment, essay_prompts,
+                               ints, write_json)
 from tokenizer import load_tokenizer
 
 PLOTS = os.path.join(ROOT, "benchmarks", "plots")
@@ -152,17 +157,19 @@ def plot(record, out_dir):
     fig, ax = plt.subplots(figsize=(6, 4.5))
     label = {"ar": "autoregressive", "sd": "self-speculation"}
     for mode, color in (("ar", "tab:blue"), ("sd", "tab:red")):
-        runs = [r for r in record["runs"] if r["mode"] == mode and r["tpot_s"]]
-        if not runs:
+        points = {}  # (slots, rate) -> [(tokens/s, p50 TPOT ms)] over cycles
+        for r in record["runs"]:
+            if r["mode"] == mode and r["tpot_s"]:
+                points.setdefault((r["slots"], r["rate"]), []).append((r["tokens_per_s"], 1e3 * r["tpot_s"]["p50"]))
+        if not points:
             continue
-        ax.scatter([r["tokens_per_s"] for r in runs], [1e3 * r["tpot_s"]["p50"] for r in runs], color=color, alpha=0.25,
-                   s=14)
-        top = max((r["rate"] for r in runs), key=float)  # "inf": all at once
-        line = sorted((r for r in runs if r["rate"] == top), key=lambda r: r["slots"])
-        xs, ys = [r["tokens_per_s"] for r in line], [1e3 * r["tpot_s"]["p50"] for r in line]
-        ax.plot(xs, ys, "o-", color=color, label=label[mode])
-        for r, x, y in zip(line, xs, ys):
-            ax.annotate(f"{r['slots']} slots", (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        med = {k: (statistics.median(x for x, _ in v), statistics.median(y for _, y in v)) for k, v in points.items()}
+        ax.scatter([x for x, _ in med.values()], [y for _, y in med.values()], color=color, alpha=0.25, s=14)
+        top = max((rate for _, rate in med), key=float)  # "inf": all at once
+        line = sorted((slots, xy) for (slots, rate), xy in med.items() if rate == top)
+        ax.plot([xy[0] for _, xy in line], [xy[1] for _, xy in line], "o-", color=color, label=label[mode])
+        for slots, (x, y) in line:
+            ax.annotate(f"{slots} slots", (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
     s = record["settings"]
     ax.set_xlabel("throughput (completion tokens/s)")
     ax.set_ylabel("p50 time per output token (ms)")
@@ -192,6 +199,7 @@ def main(argv=None):
     p.add_argument("--prompt_lens", default="256,1024", help="lo,hi: prompt lengths drawn uniformly")
     p.add_argument("--new_tokens", default="32,128", help="lo,hi: max_tokens drawn uniformly")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cycles", type=int, default=2, help="turns of every rate and mode; ratios are medians over them")
     p.add_argument("--gamma", type=int, default=3)
     p.add_argument("--draft_budget", type=int, default=256)
     p.add_argument("--prefill_chunk", type=int, default=256)
@@ -205,6 +213,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.quick:
         args.slots, args.rates, args.requests, args.prompt_lens, args.new_tokens = "2", "4,inf", 4, "16,48", "4,12"
+        args.cycles = 1
         args.draft_budget, args.prefill_chunk = 24, 64
     rates = [float(x) for x in args.rates.split(",")]
     lo_hi = [tuple(int(x) for x in r.split(",")) for r in (args.prompt_lens, args.new_tokens)]
@@ -217,42 +226,60 @@ def main(argv=None):
     sd_flags = ["--gamma", str(args.gamma), "--draft_budget", str(args.draft_budget),
                 "--sinks", str(min(16, args.draft_budget // 4))]
     runs, servers = [], []
+    modes = args.modes.split(",")
     with tempfile.TemporaryDirectory() as logs:
         for slots in ints(args.slots):
-            for mode in args.modes.split(","):
-                flags = common_flags + ["--batch_size", str(slots)] + (MODES[mode] + sd_flags if mode == "sd" else [])
-                t = time.perf_counter()
-                server = Server(flags, logs, args.ready_timeout)
-                try:
+            # the modes' servers run side by side (an idle one sleeps) and take turns at each rate,
+            # so that the CPU's drift falls on both alike
+            up = {}
+            try:
+                for mode in modes:
+                    flags = common_flags + ["--batch_size", str(slots)] + (MODES[mode] + sd_flags if mode == "sd" else [])
+                    t = time.perf_counter()
+                    server = up[mode] = Server(flags, logs, args.ready_timeout)
                     startup_s = time.perf_counter() - t
-                    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=3600)
-                    model = client.models.list().data[0].id
-                    one_request(client, model, requests[0][0], 2, {})  # the first request's one-off costs
+                    server.client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0,
+                                                  timeout=3600)
+                    server.model = server.client.models.list().data[0].id
+                    one_request(server.client, server.model, requests[0][0], 2, {})  # the first request's one-off costs
                     servers.append(dict(mode=mode, slots=slots, startup_s=startup_s, ready_line=server.ready_line))
+                for cycle in range(args.cycles):
                     for i, rate in enumerate(rates):
-                        rec = dict(mode=mode, slots=slots, **drive(server, client, model, requests, rate, args.seed + i))
-                        runs.append(rec)
-                        tpot = rec["tpot_s"]["p50"] * 1e3 if rec["tpot_s"] else float("nan")
-                        acc = f", acceptance {rec['acceptance']:.2f}" if rec["acceptance"] is not None else ""
-                        print(f"{mode} {slots} slots, rate {rec['rate']}/s: {rec['tokens_per_s']:.1f} tokens/s, "
-                              f"{rec['requests_per_s']:.2f} requests/s, TTFT p50 {rec['ttft_s']['p50']:.2f} s, "
-                              f"TPOT p50 {tpot:.1f} ms{acc}", flush=True)
-                finally:
+                        for mode in modes:
+                            server, stolen = up[mode], cpu_counters()
+                            rec = dict(mode=mode, slots=slots, cycle=cycle,
+                                       **drive(server, server.client, server.model, requests, rate, args.seed + i),
+                                       cpu_stolen=cpu_stolen_since(stolen))
+                            runs.append(rec)
+                            tpot = rec["tpot_s"]["p50"] * 1e3 if rec["tpot_s"] else float("nan")
+                            acc = f", acceptance {rec['acceptance']:.2f}" if rec["acceptance"] is not None else ""
+                            print(f"cycle {cycle} {mode} {slots} slots, rate {rec['rate']}/s: {rec['tokens_per_s']:.1f} "
+                                  f"tokens/s, {rec['requests_per_s']:.2f} requests/s, TTFT p50 {rec['ttft_s']['p50']:.2f} "
+                                  f"s, TPOT p50 {tpot:.1f} ms{acc}", flush=True)
+            finally:
+                for server in up.values():
                     server.stop()
 
-    def ratio(slots, rate, key):
-        a = [r for r in runs if r["mode"] == "ar" and r["slots"] == slots and float(r["rate"]) == rate]
-        s = [r for r in runs if r["mode"] == "sd" and r["slots"] == slots and float(r["rate"]) == rate]
-        if not (a and s and a[0]["tpot_s"] and s[0]["tpot_s"]):
-            return None
-        return s[0][key] / a[0][key] if key == "tokens_per_s" else s[0][key]["p50"] / a[0][key]["p50"]
+    def ratios(slots, rate, key):
+        """SD over AR within each cycle -> (median, per cycle), or None."""
+        per_cycle = []
+        for c in range(args.cycles):
+            pair = {r["mode"]: r for r in runs if r["slots"] == slots and float(r["rate"]) == rate and r["cycle"] == c}
+            if "ar" in pair and "sd" in pair and pair["ar"]["tpot_s"] and pair["sd"]["tpot_s"]:
+                a, s = pair["ar"][key], pair["sd"][key]
+                per_cycle.append(s / a if key == "tokens_per_s" else s["p50"] / a["p50"])
+        return (statistics.median(per_cycle), per_cycle) if per_cycle else (None, [])
 
-    summary = [dict(slots=b, rate=r if math.isfinite(r) else "inf", sd_over_ar_tokens_per_s=ratio(b, r, "tokens_per_s"),
-                    sd_over_ar_tpot_p50=ratio(b, r, "tpot_s")) for b in ints(args.slots) for r in rates]
-    for row in summary:
-        if row["sd_over_ar_tokens_per_s"] is not None:
-            print(f"{row['slots']} slots, rate {row['rate']}/s: SD/AR throughput {row['sd_over_ar_tokens_per_s']:.2f}, "
-                  f"p50 TPOT {row['sd_over_ar_tpot_p50']:.2f}")
+    summary = []
+    for b in ints(args.slots):
+        for r in rates:
+            (tput, tput_cycles), (tpot, tpot_cycles) = ratios(b, r, "tokens_per_s"), ratios(b, r, "tpot_s")
+            summary.append(dict(slots=b, rate=r if math.isfinite(r) else "inf", sd_over_ar_tokens_per_s=tput,
+                                sd_over_ar_tokens_per_s_cycles=tput_cycles, sd_over_ar_tpot_p50=tpot,
+                                sd_over_ar_tpot_p50_cycles=tpot_cycles))
+            if tput is not None:
+                print(f"{b} slots, rate {summary[-1]['rate']}/s: SD/AR throughput {tput:.2f}, p50 TPOT {tpot:.2f} "
+                      f"(medians of {len(tput_cycles)} cycles)")
     record = dict(environment(args.device), settings=vars(args), servers=servers, runs=runs, summary=summary)
     path = args.json or os.path.join(RESULTS, f"serving-{args.device}-{time.strftime('%Y%m%d-%H%M%S')}.json")
     write_json(path, record)

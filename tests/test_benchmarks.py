@@ -149,7 +149,7 @@ def test_serving(tiny_checkpoint, tmp_path):
     assert {(r["mode"], r["slots"], r["rate"]) for r in data["runs"]} == {(m, 2, r) for m in ("ar", "sd")
                                                                            for r in (4.0, "inf")}
     for r in data["runs"]:
-        assert r["completed"] == r["requests"] == 4 and not r["errors"]
+        assert r["completed"] == r["requests"] == 4 and not r["errors"] and r["cycle"] == 0
         assert r["tokens"] == sum(q["tokens"] for q in r["per_request"]) > 0 and r["tokens_per_s"] > 0
         assert all(q["tokens"] <= q["max_tokens"] for q in r["per_request"])
         for key in ("ttft_s", "tpot_s", "e2e_s"):
