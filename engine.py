@@ -632,7 +632,7 @@ def serve(engine: Engine, requests, eos_ids, s: Sampling, on_finish, *, on_token
             record["text"] = text_until_stop(decode(ids), req.stop)[0]
         if sa.mode != "none":
             acc, ev, rr = rows.stats[:, row].tolist()
-            record.update(acceptance=acc / max(ev, 1), rounds=rr)
+            record.update(acceptance=acc / max(ev, 1), rounds=rr, accepted=acc, evaluated=ev)
         n_done, n_tokens, slots[row] = n_done + 1, n_tokens + len(ids), None
         rows.done[row] = True  # a stop string or a cancellation ends a row the device still runs
         on_finish(req, record)

@@ -41,28 +41,35 @@ def int_or_auto(text):
         raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
 
 
-def parse_args(argv=None):
-    p = Parser(description="Batched autoregressive or MagicDec-style speculative generation. Every rule stated "
-                           "below is checked before any weights load.")
+def parser(serving=False, description="Batched autoregressive or MagicDec-style speculative generation."):
+    """The command line's flags. serving (server.py): the model, precision, compile, sampling and
+    speculation flags, without the prompt and output ones, and with slots and cache sized by flags."""
+    p = Parser(description=f"{description} Every rule stated below is checked before any weights load.")
+    p.serving = serving
+    io = p if not serving else argparse.ArgumentParser(add_help=False)  # where the prompt and output flags go
     p.add_argument("--checkpoint_path", default=DEFAULT_CHECKPOINT, help="directory with model.pth, config.json, tokenizer")
-    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable: one row each)")
-    p.add_argument("--prompt_file", action="append", default=[], help="a UTF-8 file whose text is one prompt (repeatable)")
-    p.add_argument("--requests", default=None, metavar="FILE.jsonl",
+    io.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable: one row each)")
+    io.add_argument("--prompt_file", action="append", default=[], help="a UTF-8 file whose text is one prompt (repeatable)")
+    io.add_argument("--requests", default=None, metavar="FILE.jsonl",
                    help="serve a stream of requests through --batch_size slots (continuous batching): one JSON "
                         "object per line with 'prompt' (text), optional 'max_new_tokens' (>= 1, default "
                         "--max_new_tokens), 'stop' (strings that end the answer) and 'id' (default: the line number)")
-    p.add_argument("--results", default=None, metavar="FILE.jsonl",
+    io.add_argument("--results", default=None, metavar="FILE.jsonl",
                    help="with --requests: one JSON line per finished request, in completion order, flushed as each "
                         "finishes into FILE.jsonl.partial, which becomes FILE.jsonl when the run ends (without it: "
                         "each request's text is printed as it finishes)")
-    p.add_argument("--resume", action="store_true",
+    io.add_argument("--resume", action="store_true",
                    help="with --results: keep the results an interrupted run left in FILE.jsonl.partial and serve only "
                         "the requests it had not finished")
-    p.add_argument("--chat", action="store_true", help="wrap each prompt in the checkpoint's chat template as a user turn")
-    p.add_argument("--batch_size", type=int, default=0,
-                   help="rows (with --requests: slots); >= 0, 0: one per prompt or request; prompts repeat cyclically to fill")
-    p.add_argument("--max_new_tokens", type=int, default=128, help=">= 1")
-    p.add_argument("--num_samples", type=int, default=1,
+    io.add_argument("--chat", action="store_true", help="wrap each prompt in the checkpoint's chat template as a user turn")
+    if serving:
+        p.add_argument("--batch_size", type=int, default=8, help="slots: requests decoded together, >= 1")
+        p.add_argument("--max_new_tokens", type=int, default=128, help="max_tokens of a request that gives none, >= 1")
+    else:
+        p.add_argument("--batch_size", type=int, default=0,
+                       help="rows (with --requests: slots); >= 0, 0: one per prompt or request; prompts repeat cyclically to fill")
+        p.add_argument("--max_new_tokens", type=int, default=128, help=">= 1")
+    io.add_argument("--num_samples", type=int, default=1,
                    help="generate the batch this many times (>= 1, after one uncounted warm-up with --compile) and "
                         "report each one's speed, the bandwidth achieved and the peak memory")
     p.add_argument("--temperature", type=float, default=0.0,
@@ -79,10 +86,14 @@ def parse_args(argv=None):
                    help="attention backend. flex reads only each row's valid KV blocks, inside compiled steps "
                         "(needs --compile); flash needs the flash-attn package, CUDA and fp16/bf16. auto: flex on "
                         "CUDA with --compile, else sdpa (on CPU sdpa measured as fast or faster)")
-    p.add_argument("--max_seq_len", type=int, default=0,
-                   help="KV cache positions per row, >= 0 (0: the longest prompt + max_new_tokens)")
+    if serving:
+        p.add_argument("--max_seq_len", type=int, default=2048,
+                       help="KV cache positions per slot, >= 1: a request's prompt plus its max_tokens must fit")
+    else:
+        p.add_argument("--max_seq_len", type=int, default=0,
+                       help="KV cache positions per row, >= 0 (0: the longest prompt + max_new_tokens)")
     p.add_argument("--prefill_chunk", type=int, default=512, help="prompt tokens per prefill forward, 1-65536")
-    p.add_argument("--json", default=None, metavar="PATH",
+    io.add_argument("--json", default=None, metavar="PATH",
                    help="write tokens, timings and acceptance here (atomically; the directory must exist)")
     p.add_argument("--speculate", default="none", choices=["none", "self", "draft"])
     p.add_argument("--gamma", type=int_or_auto, default=4,
@@ -105,26 +116,36 @@ def parse_args(argv=None):
                         "fixed entries (SnapKV's picks, or StreamingLLM's sink slots) as the positions the target's "
                         "verify queries attend to most")
     p.add_argument("--draft_checkpoint_path", default=None, help="standalone draft model (--speculate draft)")
+    return p
+
+
+def parse_args(argv=None, p=None):
+    """The flags of argv (with p: server.py's parser), every rule checked -> args."""
+    p = p or parser()
     args = p.parse_args(argv)
+    serving = p.serving
 
     def check(ok, msg):
         if not ok:
             raise UsageError(msg)
 
     check(args.max_new_tokens >= 1, f"--max_new_tokens must be >= 1 (got {args.max_new_tokens})")
-    check(args.num_samples >= 1, f"--num_samples must be >= 1 (got {args.num_samples})")
-    check(args.num_samples == 1 or not args.requests, "--num_samples is for a batch of prompts, not --requests")
+    if not serving:
+        check(args.num_samples >= 1, f"--num_samples must be >= 1 (got {args.num_samples})")
+        check(args.num_samples == 1 or not args.requests, "--num_samples is for a batch of prompts, not --requests")
     check(math.isfinite(args.temperature) and args.temperature >= 0,
           f"--temperature must be finite and >= 0 (got {args.temperature}; 0 is greedy)")
     check(math.isfinite(args.top_p) and 0 < args.top_p <= 1, f"--top_p must be in (0, 1] (got {args.top_p})")
     check(args.top_k >= 0, f"--top_k must be >= 0 (got {args.top_k})")
-    check(args.batch_size >= 0, f"--batch_size must be >= 0 (got {args.batch_size})")
+    least = int(serving)  # a server sizes its slots and cache by flags alone
+    check(args.batch_size >= least, f"--batch_size must be >= {least} (got {args.batch_size})")
     check(1 <= args.prefill_chunk <= 65536, f"--prefill_chunk must be in 1-65536 (got {args.prefill_chunk})")
-    check(args.max_seq_len >= 0, f"--max_seq_len must be >= 0 (got {args.max_seq_len})")
-    check(bool(args.prompt or args.prompt_file) != bool(args.requests),
-          "give --prompt / --prompt_file, or --requests, not both" if args.requests else
-          "give at least one --prompt or --prompt_file, or --requests")
-    check(args.results is None or args.requests, "--results needs --requests")
+    check(args.max_seq_len >= least, f"--max_seq_len must be >= {least} (got {args.max_seq_len})")
+    if not serving:
+        check(bool(args.prompt or args.prompt_file) != bool(args.requests),
+              "give --prompt / --prompt_file, or --requests, not both" if args.requests else
+              "give at least one --prompt or --prompt_file, or --requests")
+        check(args.results is None or args.requests, "--results needs --requests")
     check(args.attn != "flash" or flash_attn_with_kvcache is not None,
           "--attn flash needs the flash-attn package (pip install flash-attn, CUDA only)")
     check(args.attn != "flex" or args.compile, "--attn flex runs inside compiled steps: add --compile")
@@ -154,21 +175,23 @@ def parse_args(argv=None):
           "--draft_reselect needs --speculate self (it re-picks the draft's entries from the target's own K/V)")
     check(args.speculate == "draft" or not args.draft_checkpoint_path, "--draft_checkpoint_path needs --speculate draft")
     check(args.speculate != "draft" or args.draft_checkpoint_path, "--speculate draft needs --draft_checkpoint_path")
-    check(not args.resume or args.results, "--resume needs --results")
+    if not serving:
+        check(not args.resume or args.results, "--resume needs --results")
     args.device = parse_device(args.device)
-    inputs = args.prompt_file + ([args.requests] if args.requests else [])
-    for f in inputs:
-        check(os.path.isfile(f) and os.access(f, os.R_OK), f"{f}: no such readable file")
-    outputs = [(flag, path) for flag, path in (("--json", args.json), ("--results", args.results)) if path]
-    for i, (flag, path) in enumerate(outputs):
-        try:
-            check_output(flag, path, inputs + [p for _, p in outputs[:i]])
-        except ValueError as e:
-            raise UsageError(str(e)) from None
-    if args.results and not args.resume and not is_stream(args.results):
-        partial = os.path.realpath(args.results) + ".partial"
-        check(not os.path.exists(partial), f"--results {args.results}: {partial} holds the results of an interrupted "
-                                           f"run: add --resume to keep them and serve only the other requests, or remove it")
+    if not serving:
+        inputs = args.prompt_file + ([args.requests] if args.requests else [])
+        for f in inputs:
+            check(os.path.isfile(f) and os.access(f, os.R_OK), f"{f}: no such readable file")
+        outputs = [(flag, path) for flag, path in (("--json", args.json), ("--results", args.results)) if path]
+        for i, (flag, path) in enumerate(outputs):
+            try:
+                check_output(flag, path, inputs + [p for _, p in outputs[:i]])
+            except ValueError as e:
+                raise UsageError(str(e)) from None
+        if args.results and not args.resume and not is_stream(args.results):
+            partial = os.path.realpath(args.results) + ".partial"
+            check(not os.path.exists(partial), f"--results {args.results}: {partial} holds the results of an interrupted "
+                                               f"run: add --resume to keep them and serve only the other requests, or remove it")
     args.checkpoint_path = checkpoint_dir(args.checkpoint_path, "checkpoint")
     if args.draft_checkpoint_path:
         args.draft_checkpoint_path = checkpoint_dir(args.draft_checkpoint_path, "draft checkpoint")
@@ -267,24 +290,71 @@ def tokenize(args, tokenizer, texts) -> list:
     """-> [Request] with token ids; empty prompts refused by where they came from."""
     requests = []
     for rid, text, new, where, stop in texts:
-        if args.chat:
-            try:
-                ids = tokenizer.encode_chat([{"role": "user", "content": text}])
-            except ValueError as e:  # bad templates, and contents a template cannot keep as text
-                raise UsageError(f"--chat: {e}") from None
-        else:
-            ids = tokenizer.encode(text)
+        try:
+            ids = prompt_ids(tokenizer, [{"role": "user", "content": text}] if args.chat else text)
+        except ChatTemplateError as e:
+            raise UsageError(f"--chat: {e}") from None
         if not ids:
             raise UsageError(f"{where} is empty")
-        bos = [tokenizer.bos_id] if tokenizer.add_bos and tokenizer.bos_id is not None and not args.chat else []
-        requests.append(Request(rid, bos + ids, new, where, stop))
+        requests.append(Request(rid, ids, new, where, stop))
     return requests
 
 
+class ChatTemplateError(ValueError):
+    """The checkpoint's chat template refused a conversation (or there is none): its message, one line."""
+
+
+def prompt_ids(tokenizer, prompt) -> list:
+    """A prompt's token ids as the model reads them: text with the tokenizer's BOS first where it uses
+    one, or a conversation ([{"role", "content"}]) rendered by the checkpoint's chat template (which
+    writes its own BOS, if any). [] for text that encodes to nothing."""
+    if isinstance(prompt, str):
+        ids = tokenizer.encode(prompt)
+        bos = [tokenizer.bos_id] if tokenizer.add_bos and tokenizer.bos_id is not None else []
+        return bos + ids if ids else []
+    try:
+        return tokenizer.encode_chat(prompt)  # special-token strings in the contents stay text
+    except ValueError as e:  # bad templates (one line already), and contents a template cannot keep as text
+        raise ChatTemplateError(str(e)) from None
+
+
 def main(argv=None):
+    args = parse_args(argv)
+    device, dtype, cfg, dcfg, tokenizer, say = setup(args)
+    requests = tokenize(args, tokenizer, read_texts(args))
+    B = args.batch_size or len(requests)
+    if not args.requests:  # a static batch: prompts repeat cyclically to fill the rows
+        requests = [requests[i % len(requests)] for i in range(B)]
+    need = max(len(r.prompt) + r.max_new_tokens for r in requests)
+    max_seq_len = args.max_seq_len or need
+    for r in requests:
+        if len(r.prompt) + r.max_new_tokens > max_seq_len:
+            raise UsageError(f"{r.where}: {len(r.prompt)} prompt tokens plus max_new_tokens {r.max_new_tokens} need "
+                             f"{len(r.prompt) + r.max_new_tokens} positions, more than --max_seq_len {max_seq_len}")
+    if need > cfg.block_size:
+        say(f"warning: up to {need} positions, past the model's trained context of {cfg.block_size}; "
+            f"text beyond it may degrade", file=sys.stderr)
+    most_new = max(r.max_new_tokens for r in requests)
+    if args.speculate != "none" and args.gamma != "auto" and args.gamma >= most_new > 1:
+        say(f"note: --gamma {args.gamma} drafts more than --max_new_tokens {most_new} can keep: gamma "
+            f"{most_new - 1} instead", file=sys.stderr)
+        args.gamma = most_new - 1
+    engine = load_engine(args, cfg, dcfg, device=device, dtype=dtype, batch=B, max_seq_len=max_seq_len,
+                         longest_prompt=max(len(r.prompt) for r in requests), streams=bool(args.requests), say=say)
+    s = Sampling(args.temperature, args.top_k, args.top_p)
+    if args.requests:
+        run_requests(args, engine, requests, tokenizer, s, say)
+    else:
+        run_batch(args, engine, requests, tokenizer, s, say, dtype, tp.rank_and_world()[1])
+    tp.finish()
+
+
+def setup(args):
+    """What comes before any prompt is read: the device and dtype, the seed, the configs and the
+    tokenizer, each fault a UsageError -> (device, dtype, cfg, draft cfg or None, tokenizer, say),
+    say: print on rank 0, nothing on the others."""
     from tokenizer import load_tokenizer
 
-    args = parse_args(argv)
     device = tp.rank_device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     torch.manual_seed(args.seed)
@@ -305,26 +375,16 @@ def main(argv=None):
         tokenizer = load_tokenizer(args.checkpoint_path)
     except (OSError, ValueError) as e:
         raise UsageError(f"{args.checkpoint_path}: tokenizer: {e}") from None
+    return device, dtype, cfg, dcfg, tokenizer, say
 
-    requests = tokenize(args, tokenizer, read_texts(args))
-    B = args.batch_size or len(requests)
-    if not args.requests:  # a static batch: prompts repeat cyclically to fill the rows
-        requests = [requests[i % len(requests)] for i in range(B)]
-    need = max(len(r.prompt) + r.max_new_tokens for r in requests)
-    max_seq_len = args.max_seq_len or need
-    for r in requests:
-        if len(r.prompt) + r.max_new_tokens > max_seq_len:
-            raise UsageError(f"{r.where}: {len(r.prompt)} prompt tokens plus max_new_tokens {r.max_new_tokens} need "
-                             f"{len(r.prompt) + r.max_new_tokens} positions, more than --max_seq_len {max_seq_len}")
-    if need > cfg.block_size:
-        say(f"warning: up to {need} positions, past the model's trained context of {cfg.block_size}; "
-            f"text beyond it may degrade", file=sys.stderr)
+
+def load_engine(args, cfg, dcfg, *, device, dtype, batch, max_seq_len, longest_prompt, streams, say) -> Engine:
+    """The engine the flags describe, for batch rows (or slots) of max_seq_len positions: its caches
+    checked against the device's memory before any weights load, then the models loaded (sharded
+    under torchrun) and, with --gamma / --draft_budget auto, the cost model's choice made for prompts
+    of longest_prompt tokens. streams: room for the one-row caches a request stream prefills into."""
+    B, world = batch, tp.rank_and_world()[1]
     speculating = args.speculate != "none"
-    most_new = max(r.max_new_tokens for r in requests)
-    if speculating and args.gamma != "auto" and args.gamma >= most_new > 1:
-        say(f"note: --gamma {args.gamma} drafts more than --max_new_tokens {most_new} can keep: gamma "
-            f"{most_new - 1} instead", file=sys.stderr)
-        args.gamma = most_new - 1
     attn = args.attn if args.attn != "auto" else ("flex" if device.type == "cuda" and args.compile else "sdpa")
     # the largest caches this run may allocate: --draft_budget auto's largest budget, --gamma auto's largest gamma
     sa = SpecArgs(args.speculate, gamma=max(costmodel.GAMMAS) if args.gamma == "auto" else args.gamma,
@@ -333,7 +393,7 @@ def main(argv=None):
                   reselect=args.draft_reselect,
                   draft_budget=max(costmodel.PRIOR_ACCEPTANCE) if args.draft_budget == "auto" else args.draft_budget)
     plan = memory_plan(cfg, batch=B, max_seq_len=max_seq_len, itemsize=dtype.itemsize, attn=attn, sa=sa, draft=dcfg,
-                       world=world, streams=bool(args.requests), weights_on_device=device.type == "cuda")
+                       world=world, streams=streams, weights_on_device=device.type == "cuda")
     try:
         check_fits(sum(plan.values()), device,
                    f"{B} rows x {max_seq_len} positions" + (" with the draft's caches" if speculating else ""),
@@ -350,18 +410,12 @@ def main(argv=None):
 
     if speculating and "auto" in (args.gamma, args.draft_budget):
         planner, sa.gamma, sa.draft_budget, predicted = choose_speculation(
-            args, model, draft_model, B, max_seq_len, max(len(r.prompt) for r in requests), dtype, world)
+            args, model, draft_model, B, max_seq_len, longest_prompt, dtype, world)
         say(f"cost model: gamma {sa.gamma}, draft budget {sa.draft_budget}, predicted speedup {predicted:.2f}")
         if args.gamma == "auto":
             sa.gamma_max, sa.adapt_every, sa.planner = max(planner.gammas), args.adapt_every, planner
-    s = Sampling(args.temperature, args.top_k, args.top_p)
-    engine = Engine(model, B, max_seq_len, sa=sa, draft_model=draft_model, attn=attn, compile=args.compile,
-                    prefill_chunk=args.prefill_chunk)
-    if args.requests:
-        run_requests(args, engine, requests, tokenizer, s, say)
-    else:
-        run_batch(args, engine, requests, tokenizer, s, say, dtype, world)
-    tp.finish()
+    return Engine(model, B, max_seq_len, sa=sa, draft_model=draft_model, attn=attn, compile=args.compile,
+                  prefill_chunk=args.prefill_chunk)
 
 
 def run_batch(args, engine, requests, tokenizer, s, say, dtype, world):

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from benchmarks import acceptance, cold_start as bench_cold_start, peer as bench_peer, plot, sweep as bench_sweep
+from benchmarks import acceptance, cold_start as bench_cold_start, peer as bench_peer, plot, serving, sweep as bench_sweep
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
 import convert_hf_checkpoint  # noqa: E402
@@ -138,3 +138,22 @@ def test_acceptance_and_its_plot(smollm2_dir, essays_path, tmp_path):
     pytest.importorskip("matplotlib")
     [png] = plot.main([path, "--out", str(tmp_path)])
     assert os.path.basename(png) == "acceptance_vs_budget.png" and os.path.getsize(png) > 0
+
+
+def test_serving(tiny_checkpoint, tmp_path):
+    """--quick through real servers (AR and self-speculation, 2 slots) on the tiny checkpoint: every
+    request answered, the figures of each rate present and sane, and the plot written."""
+    path = serving.main(["--quick", "--checkpoint_path", tiny_checkpoint, "--dtype", "float32",
+                         "--json", str(tmp_path / "serving.json"), "--plots", str(tmp_path)])
+    data = read(path)
+    assert {(r["mode"], r["slots"], r["rate"]) for r in data["runs"]} == {(m, 2, r) for m in ("ar", "sd")
+                                                                           for r in (4.0, "inf")}
+    for r in data["runs"]:
+        assert r["completed"] == r["requests"] == 4 and not r["errors"] and r["cycle"] == 0
+        assert r["tokens"] == sum(q["tokens"] for q in r["per_request"]) > 0 and r["tokens_per_s"] > 0
+        assert all(q["tokens"] <= q["max_tokens"] for q in r["per_request"])
+        for key in ("ttft_s", "tpot_s", "e2e_s"):
+            assert 0 < r[key]["p50"] <= r[key]["p90"] <= r[key]["p99"], (key, r[key])
+        assert (r["acceptance"] is None) == (r["mode"] == "ar") and (r["mode"] == "ar" or 0 <= r["acceptance"] <= 1)
+    assert all(row["sd_over_ar_tokens_per_s"] > 0 for row in data["summary"])
+    assert os.path.getsize(tmp_path / "serving_throughput_vs_tpot.png") > 0
