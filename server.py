@@ -192,6 +192,8 @@ class Server:
             self.events[req.id] = (req, events)
         if not self.queue.submit(req):
             self.forget(req)
+            if self.failed is not None:
+                raise ApiError(500, "the engine failed; the server is exiting", code="engine_failed")
             if self.queue.closed:
                 raise ApiError(503, "the server is shutting down", code="shutting_down")
             raise ApiError(429, f"the queue is full ({self.queue.max_waiting} requests wait for "
