@@ -92,17 +92,18 @@ class Tokenizer:
             # the template transformed a content (or dropped it): render the contents themselves, which
             # keeps them apart from the template's special tokens only if they add none
             plain_text = self.render_chat(messages, add_generation_prompt)[0]
-            if self.find_special(plain_text) != self.find_special(text):
+            if [m.group() for m in self.find_special(plain_text)] != [m.group() for m in self.find_special(text)]:
                 raise ValueError("this chat template transforms message contents, and with this conversation's "
                                  "they make special tokens, which cannot be kept as text")
             return plain_text, []
         return "".join(out), spans
 
     def find_special(self, text: str) -> list:
+        """The special-token strings in text, in order, longest first where they overlap."""
         special = self.special_strings()
         if not special:
             return []
-        return re.findall("|".join(re.escape(t) for t in sorted(special, key=len, reverse=True)), text)
+        return list(re.finditer("|".join(re.escape(t) for t in sorted(special, key=len, reverse=True)), text))
 
     def encode_chat(self, messages: list, add_generation_prompt: bool = True) -> list:
         """The conversation's prompt ids. Special-token strings the template writes become special
@@ -113,8 +114,7 @@ class Tokenizer:
         if not special:
             return self.encode(text)
         ids, at = [], 0
-        pattern = "|".join(re.escape(t) for t in sorted(special, key=len, reverse=True))
-        for match in re.finditer(pattern, text):
+        for match in self.find_special(text):
             if any(a < match.end() and match.start() < b for a, b in spans):
                 continue  # written by the user: text
             ids += self.encode_ordinary(text[at:match.start()]) + [special[match.group()]]
