@@ -12,12 +12,17 @@ import json
 import os
 import pickle
 import stat
+import sys
 import tempfile
 
 import torch
 
-from model import ModelArgs, Transformer, place, rope_inv_freq
+from model import (INT4_GROUP_SIZES, QUANT_SCHEMES, ModelArgs, QuantLinear, Transformer, check_quantization, place,
+                   quantized_layout, rope_inv_freq)
 
+
+# A checkpoint written by scripts/quantize.py says so in config.json ("quantization": {"scheme",
+# "group_size"}) and holds each matrix of ModelArgs.matmul_shapes as model.quantized_layout's tensors.
 
 # the embedded default model, where scripts/prepare_smollm2.py puts it
 DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "HuggingFaceTB",
@@ -151,6 +156,19 @@ class ResultsLog:
             sync_dir(os.path.dirname(self.final))
 
 
+def write_or_exit(write, lacking: str = "a key"):
+    """A converter's command line around write() -> its result: each fault ends the process with one
+    line naming it (a KeyError: what `lacking` the input lacks), an interruption too."""
+    try:
+        return write()
+    except KeyError as e:
+        sys.exit(f"error: {lacking} lacks key {e}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted; the output directory's manifest says so until a rerun with --force finishes")
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: {e}".replace("\n", " "))
+
+
 def read_manifest(checkpoint_dir: str):
     path = os.path.join(checkpoint_dir, MANIFEST)
     if not os.path.exists(path):
@@ -262,23 +280,52 @@ def check_config(cfg, where: str) -> ModelArgs:
     return args
 
 
-def check_state(args: ModelArgs, state: dict, where: str) -> dict:
+def read_quantization(checkpoint_dir: str) -> tuple:
+    """config.json's "quantization" -> (scheme, group size); ("none", 0) for a dense checkpoint."""
+    path = os.path.join(checkpoint_dir, "config.json")
+    with open(path, encoding="utf-8") as f:
+        q = json.load(f).get("quantization")
+    if q is None:
+        return "none", 0
+    scheme, group_size = (q.get("scheme"), q.get("group_size", 0)) if isinstance(q, dict) else (None, None)
+    if scheme not in QUANT_SCHEMES or not isinstance(group_size, int) or \
+            (scheme == "int4" and group_size not in INT4_GROUP_SIZES):
+        raise ValueError(f"{path}: \"quantization\" must be {{\"scheme\": int8 or int4, \"group_size\": one of "
+                         f"{', '.join(map(str, INT4_GROUP_SIZES))} (int4)}}, found {q!r}")
+    return scheme, group_size
+
+
+def check_state(args: ModelArgs, state: dict, where: str, quantization=("none", 0)) -> dict:
     """-> the state dict the model takes (a tied output copy dropped), or ValueError naming the first
-    tensor missing, unexpected or of the wrong shape. The converters run it before they write one."""
+    tensor missing, unexpected or of the wrong shape or type. quantization (scheme, group size): each
+    matrix is expected as quantized_layout's tensors. The converters run it before they write one."""
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{where}: expected a dict of tensors")
     with torch.device("meta"):
-        shapes = {k: v.shape for k, v in Transformer(args).state_dict().items()}
+        shapes = {k: (tuple(v.shape), None) for k, v in Transformer(args).state_dict().items()}
+    scheme, group_size = quantization
     if args.tie_embeddings:
-        state = {k: v for k, v in state.items() if k != "output.weight"}
         shapes.pop("output.weight", None)
+        if scheme == "none":
+            state = {k: v for k, v in state.items() if k != "output.weight"}
+    if scheme != "none":
+        try:
+            check_quantization(args, scheme, group_size)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        for name, (n, k) in args.matmul_shapes().items():
+            shapes.pop(f"{name}.weight", None)
+            shapes |= {f"{name}.{suffix}": spec for suffix, spec in quantized_layout(n, k, scheme, group_size).items()}
     missing, unexpected = shapes.keys() - state.keys(), state.keys() - shapes.keys()
     if missing or unexpected:
         raise ValueError(f"{where}: state dict does not match config.json "
                          f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
-    for k, shape in shapes.items():
-        if state[k].shape != shape:
+    for k, (shape, dtype) in shapes.items():
+        if tuple(state[k].shape) != shape:
             raise ValueError(f"{where}: tensor {k} has shape {list(state[k].shape)}, config.json implies {list(shape)}")
+        if state[k].dtype != dtype and (dtype is not None or not state[k].is_floating_point()):
+            raise ValueError(f"{where}: tensor {k} is {state[k].dtype}, config.json implies "
+                             f"{dtype or 'a floating-point type'}")
     return state
 
 
@@ -295,9 +342,20 @@ def load_model(checkpoint_dir: str, device="cpu", dtype=torch.float32) -> Transf
         raise ValueError(f"{path}: refused: holds pickled objects, not just tensors (loaded with weights_only=True)") from None
     except Exception as e:
         raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}); re-create it") from None
-    state = check_state(args, state, path)
-    model.load_state_dict(state, assign=True, strict=False)
+    quantization = read_quantization(checkpoint_dir)
+    state = check_state(args, state, path, quantization)
+    matrices = tuple(f"{name}." for name in args.matmul_shapes()) if quantization[0] != "none" else ()
+    model.load_state_dict({k: v for k, v in state.items() if not k.startswith(matrices)}, assign=True, strict=False)
     model.inv_freq = rope_inv_freq(args)  # a non-persistent buffer: still on the meta device
-    if args.tie_embeddings:
+    scheme, group_size = quantization
+    if scheme != "none":  # built on the device: packed int4 weights are the device kernel's layout
+        dtype = dtype or state["tok_embeddings.weight"].dtype
+        for name, (n, k) in args.matmul_shapes().items():
+            parent, _, attr = name.rpartition(".")
+            tensors = {suffix: state[f"{name}.{suffix}"] for suffix in quantized_layout(n, k, scheme, group_size)}
+            setattr(model.get_submodule(parent) if parent else model, attr,
+                    QuantLinear(tensors, scheme, group_size, state.get(f"{name}.bias"), device, dtype))
+        model.quantization = quantization
+    elif args.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
     return place(model, device, dtype)

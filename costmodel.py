@@ -70,21 +70,18 @@ def measure_hardware(device, dtype, copy_bytes=0, matmul_n=0, repeats=5, ops_per
     return Hardware(bw, flops, launch * ops_per_layer)
 
 
-def weight_bytes(a: ModelArgs, itemsize: int) -> int:
-    """Bytes of the matrices one forward reads (ModelArgs.n_matmul_params)."""
-    return itemsize * a.n_matmul_params()
-
-
-def step_cost(a: ModelArgs, batch: int, tokens: int, slots: int, itemsize: int):
-    """(bytes, FLOPs) of one forward of `tokens` new tokens per row against `slots` cache slots."""
-    nbytes = weight_bytes(a, itemsize) + kv_bytes(a.n_layer, batch, a.n_kv_head, slots, a.head_dim, itemsize) \
+def step_cost(a: ModelArgs, batch: int, tokens: int, slots: int, itemsize: int, quantization=("none", 0)):
+    """(bytes, FLOPs) of one forward of `tokens` new tokens per row against `slots` cache slots, its
+    matrices stored as quantization (scheme, group size) says (ModelArgs.matmul_bytes)."""
+    nbytes = a.matmul_bytes(itemsize, *quantization) + kv_bytes(a.n_layer, batch, a.n_kv_head, slots, a.head_dim, itemsize) \
         + LOGIT_PASSES * 4 * batch * tokens * a.vocab_size
     attn = 4 * batch * a.n_head * tokens * slots * a.head_dim * a.n_layer  # QK^T and PV
     return nbytes, 2 * batch * tokens * a.n_matmul_params() + attn
 
 
-def step_time(hw: Hardware, a: ModelArgs, batch: int, tokens: int, slots: int, itemsize: int) -> float:
-    nbytes, flops = step_cost(a, batch, tokens, slots, itemsize)
+def step_time(hw: Hardware, a: ModelArgs, batch: int, tokens: int, slots: int, itemsize: int,
+              quantization=("none", 0)) -> float:
+    nbytes, flops = step_cost(a, batch, tokens, slots, itemsize, quantization)
     return max(nbytes / hw.bandwidth, flops / hw.flops) + hw.layer_overhead * a.n_layer
 
 
@@ -126,6 +123,8 @@ class Planner:
     itemsize: int
     draft: Optional[ModelArgs] = None  # None: self-speculation (the target's weights, a sparse cache)
     draft_full_cache: bool = False  # a standalone draft reading its own full cache
+    quantization: tuple = ("none", 0)  # (scheme, group size) of the target's matrices
+    draft_quantization: tuple = ("none", 0)  # self-speculation with a quantized copy of the target's matrices
     gammas: tuple = GAMMAS
     alpha: float = 0.9  # the acceptance estimate the starting gamma was chosen with
     measured: Optional[tuple] = None  # (t_target, t_verify, its gamma, t_draft, its budget), see calibrate
@@ -140,7 +139,8 @@ class Planner:
     def draft_time(self, gamma: int, budget: int):
         # a sparse draft step reads its whole layout (StreamingLLM's; SnapKV's has as many slots)
         draft_slots = self.slots if self.draft_full_cache else DraftLayout.of("streaming", budget, gamma, 0).n_slots
-        return step_time(self.hw, self.draft or self.target, self.batch, 1, draft_slots, self.itemsize)
+        return step_time(self.hw, self.draft or self.target, self.batch, 1, draft_slots, self.itemsize,
+                         self.draft_quantization)
 
     def ratios(self, gamma: int, budget: int):
         """(T_D/T_T, T_V/T_T) for this gamma and draft budget: predicted, or from calibrate's timings."""
@@ -150,8 +150,8 @@ class Planner:
             # scales the measured draft step as the model scales it
             tv = 1 + max(t_v / t_t - 1, 0.0) * gamma / g
             return t_d / t_t * self.draft_time(gamma, budget) / self.draft_time(g, b), tv
-        t_t = step_time(self.hw, self.target, self.batch, 1, self.slots, self.itemsize)
-        t_v = step_time(self.hw, self.target, self.batch, gamma + 1, self.slots, self.itemsize)
+        t_t = step_time(self.hw, self.target, self.batch, 1, self.slots, self.itemsize, self.quantization)
+        t_v = step_time(self.hw, self.target, self.batch, gamma + 1, self.slots, self.itemsize, self.quantization)
         return self.draft_time(gamma, budget) / t_t, t_v / t_t
 
     def choose_gamma(self, alpha: float, budget: int):
@@ -176,13 +176,14 @@ class Planner:
 
 
 def auto_plan(target: ModelArgs, batch: int, slots: int, *, dtype, device, gamma, budget, budgets=(), prompt_len=0,
-              draft: Optional[ModelArgs] = None, draft_full_cache=False, compiled=False, gammas=GAMMAS):
+              draft: Optional[ModelArgs] = None, draft_full_cache=False, compiled=False, gammas=GAMMAS,
+              quantization=("none", 0), draft_quantization=("none", 0)):
     """--gamma auto / --draft_budget auto: measure the device, then fill in whichever is "auto" from
     the prior acceptance (budgets, gammas: the candidates). -> (planner, gamma, budget, predicted speedup)."""
     cuda = torch.device(device).type == "cuda"
     hw = measure_hardware(device, dtype, ops_per_layer=(1 if cuda else 10) if compiled else 40)
     p = Planner(hw, target, batch, slots, dtype.itemsize, draft=draft, draft_full_cache=draft_full_cache,
-                gammas=tuple(gammas))
+                gammas=tuple(gammas), quantization=quantization, draft_quantization=draft_quantization)
     if budget == "auto":
         table = {b: prior_acceptance(b, prompt_len) for b in budgets}
         if gamma == "auto":
@@ -196,10 +197,11 @@ def auto_plan(target: ModelArgs, batch: int, slots: int, *, dtype, device, gamma
 
 
 def round_bytes(target: ModelArgs, *, batch: int, slots: int, itemsize: int, gamma: int = 0,
-                draft: Optional[ModelArgs] = None, draft_slots: int = 0) -> int:
+                draft: Optional[ModelArgs] = None, draft_slots: int = 0, quantization=("none", 0),
+                draft_quantization=("none", 0)) -> int:
     """Bytes one autoregressive step (gamma 0) or one speculative round (gamma draft steps against
     draft_slots, then a verify of gamma + 1 tokens) reads: what "bandwidth achieved" divides by."""
     if gamma == 0:
-        return step_cost(target, batch, 1, slots, itemsize)[0]
-    return gamma * step_cost(draft or target, batch, 1, draft_slots, itemsize)[0] \
-        + step_cost(target, batch, gamma + 1, slots, itemsize)[0]
+        return step_cost(target, batch, 1, slots, itemsize, quantization)[0]
+    return gamma * step_cost(draft or target, batch, 1, draft_slots, itemsize, draft_quantization)[0] \
+        + step_cost(target, batch, gamma + 1, slots, itemsize, quantization)[0]

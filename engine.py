@@ -13,7 +13,7 @@ import platform
 import threading
 import time
 from collections import deque
-from dataclasses import KW_ONLY, dataclass
+from dataclasses import KW_ONLY, dataclass, replace
 from typing import Optional
 
 import torch
@@ -85,12 +85,15 @@ class Result:
 
 def memory_plan(target: ModelArgs, *, batch: int, max_seq_len: int, itemsize: int, attn: str = "sdpa",
                 sa: Optional[SpecArgs] = None, draft: Optional[ModelArgs] = None, world: int = 1,
-                streams: bool = True, weights_on_device: bool = False) -> dict:
+                streams: bool = True, weights_on_device: bool = False, quantization=("none", 0),
+                draft_quantization=("none", 0)) -> dict:
     """Bytes of every buffer an Engine allocates, by name: the one account that the engine checks
     before each allocation and the command line checks, all together, before any weights load.
     Under tensor parallelism each rank holds n_kv_head / world KV heads. streams: include the one-row
     scratch caches a request stream prefills into. weights_on_device: include the weights (a GPU; on
-    the CPU they stay memory-mapped from the checkpoint)."""
+    the CPU they stay memory-mapped from the checkpoint, but matrices quantized at load are made in
+    memory). quantization: (scheme, group size) of the target's matrices; draft_quantization: of
+    self-speculation's quantized copy of them (model.quantized_copy), whose other weights are shared."""
     sa = sa or SpecArgs()
 
     def full(a, rows):
@@ -114,11 +117,19 @@ def memory_plan(target: ModelArgs, *, batch: int, max_seq_len: int, itemsize: in
     if sa.reselect:  # a scored verify's attention weights over the whole cache (products, fp32 softmax), one layer's
         plan["scored verify's attention weights"] = tokens * target.n_head // world * full_slots(max_seq_len, attn) \
             * (itemsize + 8)
-    if weights_on_device:
-        for name, a in (("target weights", target), ("draft weights", draft)):
-            if a is not None:
-                replicated = a.vocab_size * a.dim * (1 if a.tie_embeddings else 2) + (2 * a.n_layer + 1) * a.dim
-                plan[name] = ((a.n_params() - replicated) // world + replicated) * itemsize
+    def weights(a, scheme, group_size, dense_too):
+        # tp.py shards each layer's matrices and replicates the output layer, embedding and norms
+        output = replace(a, n_layer=0).matmul_bytes(itemsize, scheme, group_size)  # the output layer's alone
+        matrices = (a.matmul_bytes(itemsize, scheme, group_size) - output) // world + output
+        embedding = 0 if a.tie_embeddings and scheme == "none" else a.vocab_size * a.dim * itemsize
+        return matrices + (embedding + (2 * a.n_layer + 1) * a.dim * itemsize if dense_too else 0)
+
+    if weights_on_device or quantization[0] != "none":
+        plan["target weights"] = weights(target, *quantization, weights_on_device)
+    if draft is not None and weights_on_device:
+        plan["draft weights"] = weights(draft, "none", 0, True)
+    if draft_quantization[0] != "none":
+        plan["draft's quantized matrices"] = weights(target, *draft_quantization, False)
     return plan
 
 
@@ -187,7 +198,8 @@ class Engine:
         self.batch_size, self.max_seq_len, self.attn, self.prefill_chunk = batch_size, max_seq_len, attn, prefill_chunk
         self.compiled = compile
         sa = self.sa
-        self.draft_model = None if sa.mode == "none" else model if sa.mode == "self" else draft_model
+        # self-speculation's draft: the target itself, or a quantized copy of it (model.quantized_copy)
+        self.draft_model = None if sa.mode == "none" else (draft_model or model) if sa.mode == "self" else draft_model
         world = model.args.n_kv_head // model.layers[0].attention.n_kv_head  # tp.py shards the heads
         self.plan = memory_plan(model.args, batch=batch_size, max_seq_len=max_seq_len, world=world, attn=attn, sa=sa,
                                 itemsize=model.tok_embeddings.weight.dtype.itemsize,
@@ -317,8 +329,9 @@ class Engine:
                 self.draft_cache.copy_row(rows[0], full)
                 return
         scores = None
-        if sa.draft_kv == "snapkv":
-            scores = snapkv_scores(self.draft_model, full, tokens, prompt_lens, sa.snapkv_window)
+        if sa.draft_kv == "snapkv":  # self-speculation: the target's own queries score its cache
+            scores = snapkv_scores(self.model if sa.mode == "self" else self.draft_model, full, tokens, prompt_lens,
+                                   sa.snapkv_window)
         self.draft_cache.fill(full, prompt_lens, scores, rows)
 
     def scratch(self, which):

@@ -17,10 +17,11 @@ import torch
 import costmodel
 import tp
 from checkpoint import (DEFAULT_CHECKPOINT, MANIFEST, ResultsLog, check_output, is_stream, load_model, read_config,
-                        verify_checkpoint, write_output)
+                        read_quantization, verify_checkpoint, write_output)
 from engine import Engine, Request, SpecArgs, device_name, generate, memory_plan, serve
 from kv_cache import DraftLayout, check_fits
-from model import flash_attn_with_kvcache
+from model import (QUANT_SCHEMES, check_quantization, default_group_size, flash_attn_with_kvcache, quantize,
+                   quantized_copy)
 from spec import Sampling
 
 class UsageError(ValueError):
@@ -116,6 +117,18 @@ def parser(serving=False, description="Batched autoregressive or MagicDec-style 
                         "fixed entries (SnapKV's picks, or StreamingLLM's sink slots) as the positions the target's "
                         "verify queries attend to most")
     p.add_argument("--draft_checkpoint_path", default=None, help="standalone draft model (--speculate draft)")
+    p.add_argument("--quantize", default="none", choices=["none", *QUANT_SCHEMES],
+                   help="weight-only quantization of the target's matrices at load: int8 (a scale per output "
+                        "channel) or int4 (a scale and zero point per --group_size weights); the embedding stays "
+                        "dense, a tied output layer gets a quantized copy. A checkpoint written by "
+                        "scripts/quantize.py is quantized already and needs no flag")
+    p.add_argument("--draft_quantize", default="none", choices=["none", *QUANT_SCHEMES],
+                   help="--speculate self: the draft runs a quantized copy of the target's matrices (its other "
+                        "weights shared) while the target verifies at its own precision: the output is unchanged, "
+                        "the draft step reads 2x (int8) to 4x (int4) fewer weight bytes")
+    p.add_argument("--group_size", type=int, default=0,
+                   help="int4: weights per scale and zero point, one of 32, 64, 128, 256 (default 0: the largest "
+                        "of 128, 64, 32 that divides every layer's input width, shown in the run's summary)")
     return p
 
 
@@ -174,10 +187,22 @@ def parse_args(argv=None, p=None):
     check(not args.draft_reselect or args.speculate == "self",
           "--draft_reselect needs --speculate self (it re-picks the draft's entries from the target's own K/V)")
     check(args.speculate == "draft" or not args.draft_checkpoint_path, "--draft_checkpoint_path needs --speculate draft")
+    check(args.draft_quantize == "none" or args.speculate == "self",
+          "--draft_quantize needs --speculate self (the draft is a quantized copy of the target's own weights)")
+    check(args.group_size >= 0, f"--group_size must be >= 0 (got {args.group_size}; 0: chosen per model)")
+    check(not args.group_size or "int4" in (args.quantize, args.draft_quantize),
+          "--group_size is for int4: add --quantize int4 or --draft_quantize int4")
     check(args.speculate != "draft" or args.draft_checkpoint_path, "--speculate draft needs --draft_checkpoint_path")
     if not serving:
         check(not args.resume or args.results, "--resume needs --results")
     args.device = parse_device(args.device)
+    if args.device.type == "cuda" and "int4" in (args.quantize, args.draft_quantize):
+        check((args.dtype or "bfloat16") == "bfloat16",
+              f"int4 on CUDA takes bfloat16 activations only (torch's _weight_int4pack_mm), not --dtype {args.dtype}: "
+              f"drop --dtype, or use int8")
+        cap = torch.cuda.get_device_capability(args.device)
+        check(cap >= (8, 0), f"int4 on CUDA needs compute capability 8.0 or newer (torch's _weight_int4pack_mm); "
+                             f"{args.device} has {cap[0]}.{cap[1]}: use int8")
     if not serving:
         inputs = args.prompt_file + ([args.requests] if args.requests else [])
         for f in inputs:
@@ -363,9 +388,28 @@ def setup(args):
     try:
         cfg = read_config(args.checkpoint_path)
         tp.check_divisible(cfg, world)
+        scheme, group_size = read_quantization(args.checkpoint_path)
+        if scheme != "none":  # written by scripts/quantize.py
+            if args.quantize not in ("none", scheme):
+                raise ValueError(f"--quantize {args.quantize}: {args.checkpoint_path} is quantized as {scheme} already")
+            if world > 1:
+                raise ValueError(f"{args.checkpoint_path} is quantized: tensor parallelism shards a dense checkpoint "
+                                 f"(quantize it at load with --quantize {scheme} instead)")
+            if args.draft_quantize != "none":
+                raise ValueError("--draft_quantize copies a dense target's weights; this checkpoint is quantized already")
+        else:  # --quantize at load, and --draft_quantize, on this rank's shard
+            group_size = args.group_size or default_group_size(cfg, world)
+            scheme = args.quantize
+        args.quantization = (scheme, group_size if scheme == "int4" else 0)
+        args.draft_quantization = (args.draft_quantize, group_size if args.draft_quantize == "int4" else 0)
+        for scheme, group_size in (args.quantization, args.draft_quantization):
+            check_quantization(cfg, scheme, group_size, world)
         dcfg = None
         if args.speculate == "draft":
             dcfg = read_config(args.draft_checkpoint_path)
+            if world > 1 and read_quantization(args.draft_checkpoint_path)[0] != "none":
+                raise ValueError(f"{args.draft_checkpoint_path} is quantized: tensor parallelism shards a dense "
+                                 f"checkpoint")
             tp.check_divisible(dcfg, world, "draft model")
     except ValueError as e:
         raise UsageError(str(e)) from None
@@ -393,7 +437,8 @@ def load_engine(args, cfg, dcfg, *, device, dtype, batch, max_seq_len, longest_p
                   reselect=args.draft_reselect,
                   draft_budget=max(costmodel.PRIOR_ACCEPTANCE) if args.draft_budget == "auto" else args.draft_budget)
     plan = memory_plan(cfg, batch=B, max_seq_len=max_seq_len, itemsize=dtype.itemsize, attn=attn, sa=sa, draft=dcfg,
-                       world=world, streams=streams, weights_on_device=device.type == "cuda")
+                       world=world, streams=streams, weights_on_device=device.type == "cuda",
+                       quantization=args.quantization, draft_quantization=args.draft_quantization)
     try:
         check_fits(sum(plan.values()), device,
                    f"{B} rows x {max_seq_len} positions" + (" with the draft's caches" if speculating else ""),
@@ -404,9 +449,13 @@ def load_engine(args, cfg, dcfg, *, device, dtype, batch, max_seq_len, longest_p
     tp.maybe_init_distributed(device)
     where = (device, dtype) if world == 1 else ("cpu", None)  # TP: shard before anything reaches the device
     model = tp.shard(load_model(args.checkpoint_path, *where), device, dtype)
+    if model.quantization[0] == "none" and args.quantization[0] != "none":
+        quantize(model, *args.quantization)
     draft_model = None
     if args.speculate == "draft":
         draft_model = tp.shard(load_model(args.draft_checkpoint_path, *where), device, dtype)
+    elif args.draft_quantization[0] != "none":
+        draft_model = quantized_copy(model, *args.draft_quantization)
 
     if speculating and "auto" in (args.gamma, args.draft_budget):
         planner, sa.gamma, sa.draft_budget, predicted = choose_speculation(
@@ -436,7 +485,7 @@ def run_batch(args, engine, requests, tokenizer, s, say, dtype, world):
                 say(f"--- row {row} ({len(prompts[row])} prompt tokens, {len(ids)} generated)\n{text_of(tokenizer, ids)}")
         say(f"\n{'' if args.num_samples == 1 else f'sample {i}: '}prefill {res.prefill_s:.3f} s, decode "
             f"{res.decode_s:.3f} s for {sum(map(len, res.tokens))} tokens: {res.tokens_per_s:.1f} tokens/s "
-            f"({engine.batch_size} rows, {device}, {dtype})")
+            f"({engine.batch_size} rows, {device}, {dtype}{weights_note(engine)})")
         samples.append(res)
     if sa.mode != "none":
         gammas = f"auto: first {res.gammas[0]}, last {res.gammas[-1]}" if sa.planner and res.gammas else sa.gamma
@@ -448,7 +497,9 @@ def run_batch(args, engine, requests, tokenizer, s, say, dtype, world):
     draft = engine.draft_model.args if sa.mode == "draft" else None
     nbytes = costmodel.round_bytes(engine.model.args, batch=engine.batch_size, slots=round(context),
                                    itemsize=dtype.itemsize, gamma=gamma, draft=draft,
-                                   draft_slots=round(context) if sa.draft_kv == "full" else sa.draft_budget)
+                                   draft_slots=round(context) if sa.draft_kv == "full" else sa.draft_budget,
+                                   quantization=engine.model.quantization,
+                                   draft_quantization=engine.draft_model.quantization if gamma else ("none", 0))
     round_s = statistics.median(t for r in samples for t in r.round_s) if res.rounds else float("nan")
     say(f"bandwidth achieved {nbytes / round_s / 1e9:.1f} GB/s ({nbytes / 1e6:.1f} MB a {'round' if gamma else 'step'} "
         f"in a median {round_s * 1e3:.2f} ms), peak memory {peak_memory(device) / 1e9:.2f} GB"
@@ -462,6 +513,15 @@ def run_batch(args, engine, requests, tokenizer, s, say, dtype, world):
             gamma_per_round=res.gammas, draft_budget=sa.draft_budget, samples_tokens_per_s=[r.tokens_per_s for r in samples],
             bandwidth_GBps=nbytes / round_s / 1e9, peak_memory_bytes=peak_memory(device),
             args={k: str(v) for k, v in vars(args).items()}), indent=1).encode())
+
+
+def weights_note(engine) -> str:
+    """How the target's and the draft's matrices are stored, where either is quantized."""
+    def name(q):
+        return f"{q[0]}" + (f" in groups of {q[1]}" if q[0] == "int4" else "")
+    target, draft = engine.model.quantization, engine.draft_model.quantization if engine.draft_model else ("none", 0)
+    return (f", {name(target)} weights" if target[0] != "none" else "") + \
+        (f", {name(draft)} draft weights" if draft[0] != "none" and engine.draft_model is not engine.model else "")
 
 
 def peak_memory(device) -> int:
@@ -547,7 +607,8 @@ def choose_speculation(args, model, draft_model, batch, max_seq_len, prompt_len,
     budgets = [b for b in costmodel.PRIOR_ACCEPTANCE if b > floor] or [max(costmodel.PRIOR_ACCEPTANCE)]
     choice = list(costmodel.auto_plan(model.args, batch, max_seq_len, dtype=dtype, device=args.device,
                                       gamma=args.gamma, budget=args.draft_budget, budgets=budgets,
-                                      prompt_len=prompt_len, draft=draft_model.args if draft_model else None,
+                                      prompt_len=prompt_len, draft=draft_model.args if args.speculate == "draft" else None,
+                                      quantization=args.quantization, draft_quantization=args.draft_quantization,
                                       draft_full_cache=args.draft_kv == "full", compiled=args.compile))
     if world > 1:
         torch.distributed.broadcast_object_list(choice, src=0)

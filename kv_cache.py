@@ -260,7 +260,7 @@ class LayerDraftKV(nn.Module):
 
     def repick(self, input_pos, scores, k_all, v_all):
         """Scored verify: the fixed slots := the n_keep positions that this step's verify queries
-        (input_pos [B, T]) attended to most, scores [B, Hkv, S] (model.attention_probs over the
+        (input_pos [B, T]) attended to most, scores [B, Hkv, S] (model.attention_weights summed, over the
         target cache), with their K/V from it (k_all, v_all [B, Hkv, S, D]). Only positions the ring
         will not show the next round's queries compete: at most the first verified position + 1 -
         window (the next round starts past it), and StreamingLLM's sink positions, which never enter

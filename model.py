@@ -1,6 +1,7 @@
 # Llama-family decoder (Llama 2/3/3.1/3.2, Mistral, Qwen2.5, SmolLM2) in the gpt-fast layout:
 # fused wqkv, interleaved ("Meta") RoPE, caches passed in from outside so that one set of weights
 # can run against the full target cache or a sparse draft cache (self-speculation).
+import copy
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -33,14 +34,29 @@ class ModelArgs:
         if self.n_head % self.n_kv_head:
             raise ValueError(f"n_head={self.n_head} is not a multiple of n_kv_head={self.n_kv_head}")
 
+    def matmul_shapes(self) -> dict:
+        """State-dict name -> (out, in) of each matrix one forward multiplies by: every layer's wqkv,
+        wo, w1, w3, w2, then the output layer (a tied output is the embedding matrix, read once as the
+        output layer; the embedding lookup itself reads only B*T rows). These are the layers
+        weight-only quantization replaces."""
+        hd, ff = self.head_dim, self.intermediate_size
+        layer = {"attention.wqkv": ((self.n_head + 2 * self.n_kv_head) * hd, self.dim),
+                 "attention.wo": (self.dim, self.n_head * hd), "feed_forward.w1": (ff, self.dim),
+                 "feed_forward.w3": (ff, self.dim), "feed_forward.w2": (self.dim, ff)}
+        shapes = {f"layers.{i}.{name}": shape for i in range(self.n_layer) for name, shape in layer.items()}
+        return shapes | {"output": (self.vocab_size, self.dim)}
+
     def n_matmul_params(self) -> int:
-        """Parameters of the matrices one forward multiplies by: every layer's projections and the
-        output layer (a tied output is the embedding matrix, read once as the output layer; the
-        embedding lookup itself reads only B*T rows)."""
-        hd = self.head_dim
-        per_layer = self.dim * (self.n_head + 2 * self.n_kv_head) * hd + self.n_head * hd * self.dim \
-            + 3 * self.dim * self.intermediate_size
-        return self.n_layer * per_layer + self.vocab_size * self.dim
+        return sum(n * k for n, k in self.matmul_shapes().values())
+
+    def matmul_bytes(self, itemsize: int, scheme: str = "none", group_size: int = 0) -> int:
+        """Bytes of those matrices as stored: dense in itemsize, or weight-only quantized with their
+        scales (and zero points) in itemsize (quantized_layout)."""
+        if scheme == "none":
+            return itemsize * self.n_matmul_params()
+        return sum(math.prod(shape) * (dtype.itemsize if dtype else itemsize)
+                   for n, k in self.matmul_shapes().values()
+                   for shape, dtype in quantized_layout(n, k, scheme, group_size).values())
 
     def n_params(self) -> int:
         """Parameters stored: the matrices, a separate embedding unless tied, norms and biases."""
@@ -211,24 +227,31 @@ class Attention(nn.Module):
         if scores is not None:
             scores.append(attention_probs(q, k_all, cache.bool_mask(input_pos)))
         if reselect is not None:
-            # an extra pass over K: the honest upper bound on what scoring inside the kernel would cost
+            # one pass over K and V: the attention weights give both this step's output and the
+            # scores that re-pick the draft's entries (as Vegas exports them from its verify kernel)
+            weights = attention_weights(q, k_all, cache.bool_mask(input_pos))  # [B, Hkv, g, T, S]
+            y = torch.einsum("bkgts,bksd->bkgtd", weights.to(v_all.dtype), v_all).reshape(B, self.n_head, T, hd)
             last = reselect.policy.queries == "last"
-            probs = attention_probs(q[:, :, -1:] if last else q, k_all, cache.bool_mask(input_pos[:, -1:] if last else input_pos))
-            reselect.repick(input_pos, probs, k_all, v_all)
-        y = attend(q, k_all, v_all, mask)
+            reselect.repick(input_pos, (weights[:, :, :, -1:] if last else weights).sum((2, 3)), k_all, v_all)
+        else:
+            y = attend(q, k_all, v_all, mask)
         return self.wo(y.transpose(1, 2).reshape(B, T, self.n_head * hd))
+
+
+def attention_weights(q, k, mask):
+    """Softmax attention weights [B, Hkv, g, T, S] (fp32), the g query heads sharing a KV head side
+    by side; mask bool [B, 1 or Hkv, T, S]. The products run in the cache's dtype (an fp32 copy of K
+    would triple the pass's memory traffic); the softmax in fp32."""
+    B, Hq, T, D = q.shape
+    Hkv = k.shape[1]
+    s = torch.einsum("bkgtd,bksd->bkgts", q.view(B, Hkv, Hq // Hkv, T, D).to(k.dtype), k).float() / math.sqrt(D)
+    return s.masked_fill(~mask[:, :, None], float("-inf")).softmax(-1)
 
 
 def attention_probs(q, k, mask):
     """Softmax attention weights summed over all queries and the query heads of each KV group:
-    [B, Hkv, S] (fp32). SnapKV's observation pass over a prompt, and the scored verify step that
-    re-picks a draft cache's entries. The products run in the cache's dtype (an fp32 copy of K would
-    triple the pass's memory traffic); the softmax in fp32."""
-    B, Hq, T, D = q.shape
-    Hkv = k.shape[1]
-    s = torch.einsum("bkgtd,bksd->bkgts", q.view(B, Hkv, Hq // Hkv, T, D).to(k.dtype), k).float() / math.sqrt(D)
-    s = s.masked_fill(~mask[:, :, None], float("-inf")).softmax(-1)
-    return s.sum((2, 3))
+    [B, Hkv, S] (fp32): SnapKV's observation pass over a prompt."""
+    return attention_weights(q, k, mask).sum((2, 3))
 
 
 class FeedForward(nn.Module):
@@ -273,6 +296,7 @@ class Transformer(nn.Module):
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
+        self.quantization = ("none", 0)  # (scheme, group size) of the matrices: see quantize()
 
     def forward(self, tokens, input_pos, cache, logits_idx=None, refresh=None, reselect=None, block=run_block,
                 scores=None):
@@ -301,3 +325,149 @@ def place(model: Transformer, device, dtype) -> Transformer:
     model = model.to(device=device, dtype=dtype).requires_grad_(False)
     model.inv_freq = rope_inv_freq(model.args).to(device)
     return model
+
+
+# ---------------------------------------------------------------- weight-only quantization
+# int8: one symmetric scale per output channel. int4: groups of group_size consecutive input weights
+# of a row, each group with a scale and a zero point, in the layout of PyTorch's int4 kernels (and
+# gpt-fast's): w = (q - 8) * scale + zero, q in 0..15. Activations stay in the model's dtype.
+
+QUANT_SCHEMES = ("int8", "int4")
+INT4_GROUP_SIZES = (32, 64, 128, 256)  # what PyTorch's int4 kernels take
+
+
+def quantized_layout(n: int, k: int, scheme: str, group_size: int = 0) -> dict:
+    """The tensors a quantized [n, k] weight is stored as: suffix -> (shape, integer dtype, or None
+    for a floating-point tensor in the model's dtype). int4 packs two 4-bit values a byte, the even
+    column in the high nibble."""
+    if scheme == "int8":
+        return {"weight": ((n, k), torch.int8), "scales": ((n,), None)}
+    return {"weight": ((n, k // 2), torch.uint8), "scales_and_zeros": ((k // group_size, n, 2), None)}
+
+
+def quantize_weight(w: torch.Tensor, scheme: str, group_size: int = 0) -> dict:
+    """A dense weight [n, k] -> its tensors of quantized_layout (scales in fp32), device-independent:
+    what a quantized checkpoint stores and what QuantLinear is built from. The rounding error of a
+    weight is at most half its scale: max|row| / 254 for int8, (max - min of its group) / 30 for int4."""
+    w = w.float()
+    if scheme == "int8":
+        scales = w.abs().amax(1).clamp(min=1e-12) / 127
+        return {"weight": (w / scales[:, None]).round().clamp(-127, 127).to(torch.int8), "scales": scales}
+    n, k = w.shape
+    g = w.reshape(n, k // group_size, group_size)
+    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    scale = (hi - lo).clamp(min=1e-12) / 15
+    q = ((g - lo) / scale).round().clamp(0, 15).to(torch.uint8).reshape(n, k)
+    scales_and_zeros = torch.cat([scale, lo + 8 * scale], -1).transpose(0, 1).contiguous()  # [k/group, n, 2]
+    return {"weight": q[:, ::2] << 4 | q[:, 1::2], "scales_and_zeros": scales_and_zeros}
+
+
+def dequantize_weight(t: dict, scheme: str, group_size: int = 0) -> torch.Tensor:
+    """quantize_weight's tensors -> the dense fp32 weight [n, k] they stand for (the reference the
+    kernels are tested against)."""
+    if scheme == "int8":
+        return t["weight"].float() * t["scales"].float()[:, None]
+    q = torch.stack([t["weight"] >> 4, t["weight"] & 15], -1).flatten(1).float()  # [n, k]
+    n, k = q.shape
+    sz = t["scales_and_zeros"].float().transpose(0, 1)  # [n, k/group, 2]
+    return ((q.reshape(n, -1, group_size) - 8) * sz[..., :1] + sz[..., 1:]).reshape(n, k)
+
+
+class QuantLinear(nn.Module):
+    """A linear layer with a weight-only quantized weight, multiplied by PyTorch's own kernels: int8
+    by `_weight_int8pack_mm` on the CPU and elsewhere by gpt-fast's form (the int8 weight converted
+    inside the matmul, which torch.compile fuses); int4 by `_weight_int4pack_mm_for_cpu` (CPU) or
+    `_weight_int4pack_mm` (CUDA) on the packed layout each wants, made here for the device. So it is
+    built where it runs: a packed int4 weight does not move between devices."""
+
+    def __init__(self, tensors: dict, scheme: str, group_size: int, bias, device, dtype):
+        super().__init__()
+        device = torch.device(device)
+        self.scheme, self.group_size = scheme, group_size
+        w = tensors["weight"].to(device)
+        self.out_features = w.shape[0]
+        self.bias = None if bias is None else nn.Parameter(bias.to(device, dtype), requires_grad=False)
+        if scheme == "int8":
+            self.register_buffer("weight", w)
+            self.register_buffer("scales", tensors["scales"].to(device, dtype))
+            return
+        k = 2 * w.shape[1]
+        sz = tensors["scales_and_zeros"].to(device, dtype)
+        pad = -self.out_features % 16  # the kernels take whole tiles of 16 (CPU) or 8 (CUDA) output rows
+        if pad:  # padded rows compute outputs that forward cuts off
+            w, sz = F.pad(w, (0, 0, 0, pad)), F.pad(sz, (0, 0, 0, pad))
+        inner_k_tiles = 8 if k % 128 == 0 else 4 if k % 64 == 0 else 2  # k is a multiple of the group size
+        if device.type == "cpu":
+            q = torch.stack([w >> 4, w & 15], -1).flatten(1).to(torch.int32)  # [n, k] values 0..15
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, inner_k_tiles)
+        else:
+            packed = torch.ops.aten._convert_weight_to_int4pack(w.contiguous(), inner_k_tiles)
+        self.register_buffer("weight", packed)
+        self.register_buffer("scales_and_zeros", sz)
+
+    def forward(self, x):
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()
+        if self.scheme == "int8":
+            if x.device.type == "cpu":
+                y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales)
+            else:
+                y = F.linear(x2, self.weight.to(x.dtype)) * self.scales
+        else:
+            mm = torch.ops.aten._weight_int4pack_mm_for_cpu if x.device.type == "cpu" else torch.ops.aten._weight_int4pack_mm
+            y = mm(x2, self.weight, self.group_size, self.scales_and_zeros)[:, :self.out_features]
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+def check_quantization(args: ModelArgs, scheme: str, group_size: int, world: int = 1) -> None:
+    """ValueError (one line) unless every matrix of matmul_shapes, as this rank's shard holds it
+    (tp.py splits wo and w2 by input), can be quantized so: before any weights load."""
+    if scheme != "int4":
+        return
+    if group_size not in INT4_GROUP_SIZES:
+        raise ValueError(f"--group_size must be one of {', '.join(map(str, INT4_GROUP_SIZES))} for int4 "
+                         f"(got {group_size})")
+    bad = sorted({f"{name.rpartition('.')[2]} ({k // (world if name.endswith(('wo', 'w2')) else 1)})"
+                  for name, (n, k) in args.matmul_shapes().items()
+                  if k % ((world if name.endswith(("wo", "w2")) else 1) * group_size)})
+    if bad:
+        raise ValueError(f"--group_size {group_size} does not divide the input width of {', '.join(bad)}"
+                         + (f" on each of {world} ranks" if world > 1 else "") + f": choose one that does")
+
+
+def default_group_size(args: ModelArgs, world: int = 1) -> int:
+    """The int4 group size when none is given: the largest of 128, 64, 32 that every layer takes."""
+    for g in (128, 64, 32):
+        try:
+            check_quantization(args, "int4", g, world)
+            return g
+        except ValueError:
+            pass
+    return 32  # every width is a multiple of 32 or none is: check_quantization then names the layers
+
+
+def quantize(model: Transformer, scheme: str, group_size: int = 0, output: bool = True) -> Transformer:
+    """Replace each matrix of matmul_shapes by a QuantLinear, in place and one at a time (so at most
+    one dense matrix is held twice) -> model. The embedding stays dense (a lookup reads B*T rows of
+    it); a tied output layer gets a quantized copy of it. output=False keeps the output layer dense
+    (measured against the default in benchmarks/quant.py quality)."""
+    weight = model.tok_embeddings.weight
+    for name in model.args.matmul_shapes():
+        if name == "output" and not output:
+            continue
+        parent, _, attr = name.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        lin = getattr(owner, attr)
+        setattr(owner, attr, QuantLinear(quantize_weight(lin.weight, scheme, group_size), scheme, group_size,
+                                         lin.bias, weight.device, weight.dtype))
+    model.quantization = (scheme, group_size)
+    return model
+
+
+def quantized_copy(model: Transformer, scheme: str, group_size: int = 0) -> Transformer:
+    """A copy of model with its matrices quantized and everything else (embedding, norms, RoPE
+    frequencies, tensor-parallel hooks) shared with model, not copied: self-speculation's quantized
+    draft, whose extra memory is the quantized matrices alone."""
+    shared = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return quantize(copy.deepcopy(model, memo=shared), scheme, group_size)

@@ -114,7 +114,8 @@ def shard(model: Transformer, device: torch.device, dtype: torch.dtype) -> Trans
         attn.n_kv_head //= world
         for lin, dim in ((ff.w1, 0), (ff.w3, 0), (ff.w2, 1)):
             lin.weight = nn.Parameter(_take(lin.weight, dim, rank, world), requires_grad=False)
-        attn.wo.register_forward_hook(_all_reduce_output)
-        ff.w2.register_forward_hook(_all_reduce_output)
+        # on the modules whose last matmul is wo / w2, so that quantize() may replace those matrices
+        attn.register_forward_hook(_all_reduce_output)
+        ff.register_forward_hook(_all_reduce_output)
     return place(model, device, dtype)
 

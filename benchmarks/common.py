@@ -25,7 +25,7 @@ ESSAYS = os.path.join(ROOT, "data", "PaulGrahamEssays.json")
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 NO_EOS = {-1}  # an id no model emits: every row runs to max_new_tokens
 # shapes for random-weight runs besides model.CONFIGS; "tiny" checks GPU code paths on a CPU
-EXTRA_SHAPES = {"tiny": dict(dim=64, n_layer=2, n_head=6, n_kv_head=2, intermediate_size=128, vocab_size=512)}
+EXTRA_SHAPES = {"tiny": dict(dim=96, n_layer=2, n_head=6, n_kv_head=2, intermediate_size=128, vocab_size=512)}
 
 
 def git(*cmd):

@@ -13,9 +13,11 @@ check moves on to the next shape.
           pass or fail goes under "preflight"
   ar      AR decode step time against copy bandwidth (weights + KV bytes per step over the step
           time), per attention backend, random weights: SmolLM2 at B=1 x 512, 64 x 8K, 256 x 8K and
-          Llama-3.1-8B at B=1 x 4K, 16 x 32K (8 x 32K where the GPU has under 100 GB)
+          Llama-3.1-8B at B=1 x 4K, 16 x 32K (8 x 32K where the GPU has under 100 GB); the batch-1
+          rows also with weight-only int8 and int4 weights (--quantize)
   ratios  Llama-3.1-8B at 16 x 32K: T_D/T_T (StreamingLLM budget 512) and T_V/T_T per gamma, and the
-          speedup they predict with MagicDec's published acceptance 0.81 (32K, budget 512)
+          speedup they predict with MagicDec's published acceptance 0.81 (32K, budget 512); a scored
+          verify over a plain one (--draft_reselect); T_D/T_T with an int4 draft (--draft_quantize)
   sd      SmolLM2 with its real weights on essay prompts, greedy, 256 new tokens: AR against
           self-speculation (StreamingLLM 256) end to end at B=64 and 256 x 8K, with each shape's
           measured step ratios
@@ -41,12 +43,13 @@ import costmodel
 from benchmarks.common import NO_EOS, ROOT, SMOLLM2, agreement, environment, essay_prompts, random_model, write_json
 from checkpoint import load_model
 from engine import Engine, Request, SpecArgs, generate, serve, sync
-from model import flash_attn_with_kvcache
+from model import default_group_size, flash_attn_with_kvcache, quantized_copy
 from spec import Sampling
 from tokenizer import load_tokenizer
 
 GREEDY = Sampling()
 RESELECT_EVERY = 4  # --draft_reselect in the SD row with re-selection
+QUANT_AR = ("int8", "int4")  # the AR rows at batch 1 also run with these weights
 MAGICDEC_ALPHA_8B_32K = 0.81  # Llama-3.1-8B self-speculation, budget 512, 32K (MagicDec, arXiv 2408.11049)
 PHASE_KEYS = {"preflight": ["preflight"], "ar": ["ar", "attn_default"], "ratios": ["step_ratios", "predicted_speedup_8b"], "sd": ["sd"],
               "stream": ["stream"]}
@@ -187,6 +190,7 @@ def phase_preflight(run, name, B, S, backends):
 
 @torch.no_grad()
 def ar_shape(run, hw, model, name, B, S, attn):
+    """One AR row; model may be quantized (model.quantization says how), its row says so."""
     engine = run.engine(model, B, S, attn=attn)
     cur = torch.ones(B, dtype=torch.long, device=run.device)
     pos = torch.full((B,), S - 1, device=run.device)  # the step reads all S positions
@@ -194,12 +198,13 @@ def ar_shape(run, hw, model, name, B, S, attn):
     run.add_graph_times(engine, first)
     t = run.median(lambda: engine.decode(cur, pos, GREEDY))
     a = model.args
-    moved = costmodel.round_bytes(a, batch=B, slots=S, itemsize=run.dtype.itemsize)
-    row = dict(model=name, batch_size=B, context=S, attn=attn, step_ms=t * 1e3, bytes_per_step=moved,
+    moved = costmodel.round_bytes(a, batch=B, slots=S, itemsize=run.dtype.itemsize, quantization=model.quantization)
+    row = dict(model=name, batch_size=B, context=S, attn=attn, quantization=model.quantization, step_ms=t * 1e3,
+               bytes_per_step=moved,
                bandwidth_GBps=moved / t / 1e9, bandwidth_fraction=moved / t / hw.bandwidth,
                tokens_per_s=B / t, first_call_s=first)
     run.rec["ar"].append(row)
-    print(f"AR {name} B={B} x {S} {attn}: {row['step_ms']:.3f} ms, {row['bandwidth_GBps']:.0f} GB/s = "
+    print(f"AR {name} B={B} x {S} {attn} {model.quantization[0]}: {row['step_ms']:.3f} ms, {row['bandwidth_GBps']:.0f} GB/s = "
           f"{row['bandwidth_fraction']:.2f} of copy bandwidth", flush=True)
 
 
@@ -218,7 +223,19 @@ def phase_ar(run, hw, shapes, backends):
                 run.isolated(f"ar {name} B={B} S={S} {attn}", lambda: ar_shape(run, hw, model, name, B, S, attn))
                 free(run.device)
                 run.save()
+        if B == 1:  # weight-only int8 / int4 (--quantize), where the weights are what a step reads
+            for scheme in QUANT_AR:
+                what = f"ar {name} B={B} S={S} {backends[0]} {scheme}"
+                if run.room_for(30, what):
+                    run.isolated(what, lambda: ar_shape(run, hw, quantized_copy(model, scheme, group_size(model, scheme)),
+                                                        name, B, S, backends[0]))
+                    free(run.device)
+                    run.save()
     return model, name_loaded
+
+
+def group_size(model, scheme):
+    return default_group_size(model.args) if scheme == "int4" else 0
 
 
 def fastest_backend(run, backends):
@@ -277,11 +294,22 @@ def ratios_shape(run, model, name, B, S, gammas, budget, attn):
     cur = torch.ones(B, dtype=torch.long, device=run.device)
     t_scored = run.median(lambda: engine.verify(cur, drafts, None, pos, GREEDY, scored=True)) / t_t
     row.update(gamma_scored=g, t_scored_verify_over_t_verify=t_scored / t_v[g])  # --draft_reselect's extra cost
+    del engine
+    free(run.device)
+    # the same draft step with an int4 copy of the weights (--draft_quantize int4): a second engine,
+    # built after the first is freed (two target caches of this shape may not fit)
+    engine = run.engine(model, B, S, sa, attn=attn, draft_model=quantized_copy(model, "int4", group_size(model, "int4")))
+    engine.draft_cache.fill(engine.cache, pos)
+    t_t4 = run.median(lambda: engine.decode(cur, pos, GREEDY))
+    row.update(t_draft_int4_over_t_target=run.median(lambda: engine.draft(cur[:, None], pos[:, None], GREEDY)) / t_t4)
+    row["predicted_speedup_int4_draft_by_gamma"] = predicted_speedups(t_v, row["t_draft_int4_over_t_target"],
+                                                                      MAGICDEC_ALPHA_8B_32K)
     run.rec["step_ratios"].append(row)
     run.rec["predicted_speedup_8b"] = dict(speedup=predicted[best], gamma=best, batch_size=B, context=S,
                                            alpha=MAGICDEC_ALPHA_8B_32K, draft_budget=budget)
     print(f"ratios {name} B={B} x {S}: T_T {t_t * 1e3:.2f} ms, T_V/T_T {t_v}, T_D/T_T {t_d:.3f}, scored verify "
-          f"{t_scored / t_v[g]:.3f} of a verify; predicted speedup {predicted[best]:.2f} at gamma {best}", flush=True)
+          f"{t_scored / t_v[g]:.3f} of a verify; predicted speedup {predicted[best]:.2f} at gamma {best}; int4 draft "
+          f"T_D/T_T {row['t_draft_int4_over_t_target']:.3f}", flush=True)
 
 
 def phase_sd(run, cases, new, gammas, budget, attn):

@@ -19,7 +19,8 @@ from safetensors import SafetensorError, safe_open
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
-from checkpoint import begin_checkpoint, check_config, check_state, finish_checkpoint, read_manifest, write_atomic  # noqa: E402
+from checkpoint import (begin_checkpoint, check_config, check_state, finish_checkpoint, read_manifest,  # noqa: E402
+                        write_atomic, write_or_exit)
 
 SUPPORTED = ("llama", "mistral", "qwen2")
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -132,14 +133,7 @@ def main(argv=None):
     ap.add_argument("--dtype", default="auto", choices=DTYPES, help="auto keeps the checkpoint's dtype")
     ap.add_argument("--force", action="store_true", help="replace a model.pth already in the output directory")
     a = ap.parse_args(argv)
-    try:
-        out = convert(a.checkpoint_dir, a.out, a.dtype, a.force)
-    except KeyError as e:
-        sys.exit(f"error: config.json or the shard index lacks key {e}")
-    except KeyboardInterrupt:
-        sys.exit("interrupted; the output directory's manifest says so until a rerun with --force finishes")
-    except (OSError, ValueError) as e:
-        sys.exit(f"error: {e}".replace("\n", " "))
+    out = write_or_exit(lambda: convert(a.checkpoint_dir, a.out, a.dtype, a.force), "config.json or the shard index")
     print(f"wrote {os.path.join(out, 'model.pth')}")
 
 

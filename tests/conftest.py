@@ -83,6 +83,21 @@ def one_line_error():
     return check
 
 
+@pytest.fixture
+def refused_before_loading(monkeypatch, capsys):
+    """check(argv, expected): generate.cli(argv) must exit with code 2 and one line holding `expected`,
+    before any weights load."""
+    import generate
+
+    def check(argv, expected):
+        monkeypatch.setattr(generate, "load_model", lambda *a, **k: pytest.fail("loaded before the flags were checked"))
+        with pytest.raises(SystemExit) as e:
+            generate.cli(argv)
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and "\n" not in err and expected in err, err
+    return check
+
+
 @pytest.fixture(scope="session")
 def tiny():
     """The tiny models the engine tests share: target (3 layers) and a standalone draft (1 layer)."""

@@ -27,13 +27,15 @@ def test_gpu_check_smoke_writes_every_field(tmp_path, smollm2_dir):
                                                                                 (4, 512, "sdpa"), (4, 512, "flex")}
     for row in rec["ar"]:
         assert row["step_ms"] > 0 and row["bandwidth_fraction"] > 0
+    assert {(r["batch_size"], r["quantization"][0]) for r in rec["ar"]} == {(1, "none"), (1, "int8"), (1, "int4"),
+                                                                           (4, "none")}
     ratios = rec["step_ratios"][0]
     assert set(ratios["t_verify_over_t_target"]) == {"2", "4"} and ratios["t_draft_over_t_target"] > 0
     assert rec["predicted_speedup_8b"]["speedup"] > 0
     sd, reselecting = rec["sd"]
     assert (sd["draft_reselect"], reselecting["draft_reselect"]) == (0, gpu_check.RESELECT_EVERY)
     assert reselecting["rows_equal"] == 1.0
-    assert ratios["t_scored_verify_over_t_verify"] > 0
+    assert ratios["t_scored_verify_over_t_verify"] > 0 and ratios["t_draft_int4_over_t_target"] > 0
     for key in ("model", "batch_size", "prefix", "new_tokens", "gamma", "draft_budget", "acceptance",
                 "ar_tokens_per_s", "sd_tokens_per_s", "speedup", "t_draft_over_t_target", "t_verify_over_t_target"):
         assert key in sd, key
@@ -60,6 +62,8 @@ def test_a_failing_shape_is_recorded_and_the_check_goes_on(tmp_path, monkeypatch
     gpu_check.main(["--smoke", "--phases", "ar", "--backends", "sdpa", "--out", str(out)])
     rec = json.loads(out.read_text())
     assert [(r["batch_size"], r["context"]) for r in rec["ar"]] == [(4, 512)]  # the next shape still ran
-    (failure,) = rec["failures"]
-    assert failure["what"] == "ar tiny B=1 S=256 sdpa" and "illegal memory access" in failure["error"]
+    failure = rec["failures"][0]  # then its int8 and int4 rows, which fail alike
+    assert [f["what"] for f in rec["failures"]] == ["ar tiny B=1 S=256 sdpa", "ar tiny B=1 S=256 sdpa int8",
+                                                    "ar tiny B=1 S=256 sdpa int4"]
+    assert "illegal memory access" in failure["error"]
     assert "fails_at_batch_1" in failure["traceback"]

@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import generate as G
 from conftest import write_tiny_checkpoint
 from engine import Engine, Request, Rows, SpecArgs, decode_round, generate, pad_prompts, serve
 from kv_cache import Reselect
@@ -178,12 +177,9 @@ def test_three_ranks_equal_one_with_reselection(tmp_path):
      "--draft_reselect needs --speculate self"),
     (["--speculate", "self", "--draft_kv", "full", "--draft_reselect", "2"], "needs a sparse --draft_kv"),
 ])
-def test_bad_flags_are_one_line_before_loading(tiny_checkpoint, monkeypatch, capsys, argv, expected):
-    monkeypatch.setattr(G, "load_model", lambda *a, **k: pytest.fail("loaded before the flags were checked"))
-    with pytest.raises(SystemExit) as e:
-        G.cli(["--checkpoint_path", tiny_checkpoint, "--prompt", "hi", *[a.format(ckpt=tiny_checkpoint) for a in argv]])
-    err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and "\n" not in err and expected in err, err
+def test_bad_flags_are_one_line_before_loading(tiny_checkpoint, refused_before_loading, argv, expected):
+    refused_before_loading(["--checkpoint_path", tiny_checkpoint, "--prompt", "hi",
+                            *[a.format(ckpt=tiny_checkpoint) for a in argv]], expected)
 
 
 def test_memory_plan_counts_the_scoring_pass(tiny):
