@@ -127,8 +127,8 @@ def parser(serving=False, description="Batched autoregressive or MagicDec-style 
                         "weights shared) while the target verifies at its own precision: the output is unchanged, "
                         "the draft step reads 2x (int8) to 4x (int4) fewer weight bytes")
     p.add_argument("--group_size", type=int, default=0,
-                   help="int4: weights per scale and zero point, one of 32, 64, 128, 256 (default 0: the largest "
-                        "of 128, 64, 32 that divides every layer's input width, shown in the run's summary)")
+                   help="int4: weights per scale and zero point, one of 32, 64, 128, 256 (default 0: 32, the "
+                        "measured best for quality; shown in the run's summary)")
     return p
 
 

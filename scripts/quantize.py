@@ -78,8 +78,8 @@ def main(argv=None):
     ap.add_argument("--checkpoint_path", required=True, help="a dense checkpoint directory (model.pth, config.json)")
     ap.add_argument("--scheme", required=True, choices=QUANT_SCHEMES)
     ap.add_argument("--group_size", type=int, default=0,
-                    help="int4: weights per scale and zero point, 32/64/128/256 (default: the largest of 128, 64, "
-                         "32 that divides every layer's input width)")
+                    help="int4: weights per scale and zero point, 32/64/128/256 (default: 32, the measured best "
+                         "for quality)")
     ap.add_argument("--out", default=None, help="output directory (default: the checkpoint's, plus -int8 / -int4)")
     ap.add_argument("--force", action="store_true", help="replace a model.pth already in the output directory")
     a = ap.parse_args(argv)
