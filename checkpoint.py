@@ -18,7 +18,7 @@ import tempfile
 import torch
 
 from model import (INT4_GROUP_SIZES, QUANT_SCHEMES, ModelArgs, QuantLinear, Transformer, check_quantization, place,
-                   quantized_layout, rope_inv_freq)
+                   quantized_layout, rope_inv_freq, set_matrix)
 
 
 # A checkpoint written by scripts/quantize.py says so in config.json ("quantization": {"scheme",
@@ -351,10 +351,8 @@ def load_model(checkpoint_dir: str, device="cpu", dtype=torch.float32) -> Transf
     if scheme != "none":  # built on the device: packed int4 weights are the device kernel's layout
         dtype = dtype or state["tok_embeddings.weight"].dtype
         for name, (n, k) in args.matmul_shapes().items():
-            parent, _, attr = name.rpartition(".")
             tensors = {suffix: state[f"{name}.{suffix}"] for suffix in quantized_layout(n, k, scheme, group_size)}
-            setattr(model.get_submodule(parent) if parent else model, attr,
-                    QuantLinear(tensors, scheme, group_size, state.get(f"{name}.bias"), device, dtype))
+            set_matrix(model, name, QuantLinear(tensors, scheme, group_size, state.get(f"{name}.bias"), device, dtype))
         model.quantization = quantization
     elif args.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight

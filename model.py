@@ -428,9 +428,8 @@ def check_quantization(args: ModelArgs, scheme: str, group_size: int, world: int
     if group_size not in INT4_GROUP_SIZES:
         raise ValueError(f"--group_size must be one of {', '.join(map(str, INT4_GROUP_SIZES))} for int4 "
                          f"(got {group_size})")
-    bad = sorted({f"{name.rpartition('.')[2]} ({k // (world if name.endswith(('wo', 'w2')) else 1)})"
-                  for name, (n, k) in args.matmul_shapes().items()
-                  if k % ((world if name.endswith(("wo", "w2")) else 1) * group_size)})
+    widths = {name: k // world if name.endswith(("wo", "w2")) else k for name, (n, k) in args.matmul_shapes().items()}
+    bad = sorted({f"{name.rpartition('.')[2]} ({k})" for name, k in widths.items() if k % group_size})
     if bad:
         raise ValueError(f"--group_size {group_size} does not divide the input width of {', '.join(bad)}"
                          + (f" on each of {world} ranks" if world > 1 else "") + f": choose one that does")
@@ -452,13 +451,17 @@ def quantize(model: Transformer, scheme: str, group_size: int = 0, output: bool 
     for name in model.args.matmul_shapes():
         if name == "output" and not output:
             continue
-        parent, _, attr = name.rpartition(".")
-        owner = model.get_submodule(parent) if parent else model
-        lin = getattr(owner, attr)
-        setattr(owner, attr, QuantLinear(quantize_weight(lin.weight, scheme, group_size), scheme, group_size,
-                                         lin.bias, weight.device, weight.dtype))
+        lin = model.get_submodule(name)
+        set_matrix(model, name, QuantLinear(quantize_weight(lin.weight, scheme, group_size), scheme, group_size,
+                                            lin.bias, weight.device, weight.dtype))
     model.quantization = (scheme, group_size)
     return model
+
+
+def set_matrix(model: Transformer, name: str, module: nn.Module) -> None:
+    """Put module where matmul_shapes' name says (quantize(), and a quantized checkpoint's loading)."""
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, module)
 
 
 def quantized_copy(model: Transformer, scheme: str, group_size: int = 0) -> Transformer:
