@@ -109,8 +109,9 @@ def ar(a, tokenizer):
             for name, engine in engines.items():
                 run = common.engine_run(engine, prompts, a.new_tokens)
                 runs.append(dict(B=B, S=S, cycle=cycle, system="engine", scheme=name, tokens_per_s=run.tokens_per_s,
-                                 cpu_stolen=run.cpu_stolen))
-                print(f"{B}x{S} cycle {cycle} engine {name:8}: {run.tokens_per_s:6.1f} tok/s", flush=True)
+                                 prefill_s=run.result.prefill_s, cpu_stolen=run.cpu_stolen))
+                print(f"{B}x{S} cycle {cycle} engine {name:8}: {run.tokens_per_s:6.1f} tok/s "
+                      f"(prefill {run.result.prefill_s:.2f} s)", flush=True)
                 if name in gguf:
                     tps = llama_cpp_ar(gguf[name], prompts[0], a.new_tokens)
                     runs.append(dict(B=B, S=S, cycle=cycle, system="llama.cpp", scheme=name, tokens_per_s=tps,
