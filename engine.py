@@ -22,7 +22,7 @@ import costmodel
 import spec
 from kv_cache import DraftCache, DraftLayout, KVCache, Reselect, check_fits, full_slots, kv_bytes, snapkv_scores
 from model import ModelArgs, Transformer, run_block
-from spec import Sampling
+from spec import KINDS, RowSampling, Sampling
 
 RECOMPILE_LIMIT = 64  # graphs of the one shared block: every step kind, shape and gamma is one more
 
@@ -268,21 +268,23 @@ class Engine:
     def capture_s(self):  # seconds spent capturing CUDA graphs (their warm-up calls apart)
         return sum(g.capture_s for g in (self.graphs or {}).values())
 
-    def decode(self, cur, pos, s: Sampling):
-        return self.run(("decode", s), lambda c, p: spec.decode_step(self.model, self.cache, c, p, s, self.block),
-                        cur, pos)
+    # each step is one graph per sampling kind: the rows' settings are tensors among its inputs
+    def decode(self, cur, pos, rs: RowSampling):
+        return self.run(("decode", rs.kind), lambda c, p, *r: spec.decode_step(
+            self.model, self.cache, c, p, RowSampling(*r, rs.kind), self.block), cur, pos, *rs.tensors)
 
-    def draft(self, tokens, input_pos, s: Sampling):
-        return self.run(("draft", s), lambda t, p: spec.draft_step(self.draft_model, self.draft_cache, t, p, s,
-                                                                   self.block), tokens, input_pos)
+    def draft(self, tokens, input_pos, rs: RowSampling):
+        return self.run(("draft", rs.kind), lambda t, p, *r: spec.draft_step(
+            self.draft_model, self.draft_cache, t, p, RowSampling(*r, rs.kind), self.block),
+            tokens, input_pos, *rs.tensors)
 
-    def verify(self, cur, drafts, q, pos, s: Sampling, scored: bool = False):
+    def verify(self, cur, drafts, q, pos, rs: RowSampling, scored: bool = False):
         """scored: a scored verify, which also re-picks the draft cache's fixed entries (--draft_reselect)."""
         refresh = self.draft_cache if self.refresh else None
         reselect = self.draft_cache if scored else None
-        return self.run(("verify", s, scored), lambda c, d, q_, p: spec.verify_step(
-            self.model, self.cache, c, d, q_, p, s, refresh=refresh, reselect=reselect, block=self.block),
-            cur, drafts, q, pos)
+        return self.run(("verify", rs.kind, scored), lambda c, d, q_, p, *r: spec.verify_step(
+            self.model, self.cache, c, d, q_, p, RowSampling(*r, rs.kind), refresh=refresh, reselect=reselect,
+            block=self.block), cur, drafts, q, pos, *rs.tensors)
 
     @torch.no_grad()
     def prefill(self, tokens, prompt_lens, model=None, cache=None, progress=None):
@@ -369,6 +371,7 @@ class Rows:
     done: torch.Tensor  # [B] bool
     out: torch.Tensor  # [B, max max_new + gamma_max + 1] generated tokens
     stats: torch.Tensor  # [3, B] per row: accepted drafts, drafts evaluated, rounds active
+    sampling: RowSampling  # each row's own settings (its kind is the most general a step may need)
 
     @classmethod
     def empty(cls, B, max_new, width, device):
@@ -377,14 +380,16 @@ class Rows:
         return cls(torch.ones_like(z), torch.zeros(B, 2, dtype=torch.long, device=device), z.clone(), z.clone(),
                    torch.ones(B, dtype=torch.bool, device=device),
                    torch.zeros(B, max_new + width, dtype=torch.long, device=device),
-                   torch.zeros(3, B, dtype=torch.long, device=device))
+                   torch.zeros(3, B, dtype=torch.long, device=device), RowSampling.of(Sampling(), B, device))
 
     @property
     def pos(self):  # [B] the position of each row's newest token, the one no cache holds yet
         return self.prompt_lens + self.n_gen - 1
 
-    def start(self, rows, prompt_lens, last_prompt, first, max_new, eos):
-        """Rows `rows` begin after prefill: first [b] is each one's first token."""
+    def start(self, rows, prompt_lens, last_prompt, first, max_new, eos, s: Sampling):
+        """Rows `rows` begin after prefill, sampling as s says: first [b] is each one's first token."""
+        for mine, value in zip(self.sampling.tensors, (s.temperature, s.top_k, s.top_p)):
+            mine[rows] = value
         self.prompt_lens[rows] = prompt_lens
         self.last2[rows] = torch.stack([last_prompt, first], 1)
         self.n_gen[rows] = 1
@@ -404,13 +409,13 @@ class Rows:
 
 # ---------------------------------------------------------------- the two rounds
 
-def autoregressive_round(engine: Engine, rows: Rows, s: Sampling):
+def autoregressive_round(engine: Engine, rows: Rows, rs: RowSampling):
     """One decode step for every row -> emitted [B, 1], n_emit [B] (ones)."""
-    emitted = engine.decode(rows.last2[:, 1].contiguous(), rows.pos, s)[:, None]
+    emitted = engine.decode(rows.last2[:, 1].contiguous(), rows.pos, rs)[:, None]
     return emitted, torch.ones_like(rows.n_gen)
 
 
-def speculative_round(engine: Engine, rows: Rows, gamma: int, s: Sampling, scored: bool = False):
+def speculative_round(engine: Engine, rows: Rows, gamma: int, rs: RowSampling, scored: bool = False):
     """gamma draft steps, then one verify step (scored: one that also re-picks the draft cache's
     fixed entries), for every row -> emitted [B, gamma+1] (the first n_emit of each row are new
     tokens) and n_emit = n_accept + 1 [B].
@@ -429,27 +434,30 @@ def speculative_round(engine: Engine, rows: Rows, gamma: int, s: Sampling, score
     # each draft step's outputs are copied out at once: a step replayed as a CUDA graph overwrites them
     drafts = torch.empty(B, gamma, dtype=torch.long, device=pos.device)
     qs = None
-    if s.temperature != 0:
+    if rs.kind != "greedy":
         qs = torch.empty(B, gamma, engine.draft_model.args.vocab_size, dtype=torch.float32, device=pos.device)
     for i in range(gamma):
-        d, q = engine.draft(tokens, input_pos, s)
+        d, q = engine.draft(tokens, input_pos, rs)
         drafts[:, i] = d
         if qs is not None:
             qs[:, i] = q
         tokens, input_pos = drafts[:, i: i + 1].contiguous(), (pos + i + 1)[:, None]
-    n_accept, next_token = engine.verify(last2[:, 1].contiguous(), drafts, qs, pos, s, scored)
+    n_accept, next_token = engine.verify(last2[:, 1].contiguous(), drafts, qs, pos, rs, scored)
     emitted = torch.cat([drafts, drafts[:, :1]], 1).scatter(1, n_accept[:, None], next_token[:, None])
     return emitted, n_accept + 1
 
 
-def decode_round(engine: Engine, rows: Rows, gamma: int, s: Sampling, eos, scored: bool = False):
+def decode_round(engine: Engine, rows: Rows, gamma: int, kind: str, eos, scored: bool = False):
     """One round of either kind for every row, then its bookkeeping: the one place where a round
-    happens, for static batches and request streams alike. Updates rows in place -> emitted
-    [B, width] and n_emit [B]: the first n_emit of each row are its new tokens (0 for a done row)."""
+    happens, for static batches and request streams alike. kind: the most general sampling kind
+    among the active rows (spec.KINDS), which the host knows without asking the device. Updates rows
+    in place -> emitted [B, width] and n_emit [B]: the first n_emit of each row are its new tokens
+    (0 for a done row)."""
+    rs = replace(rows.sampling, kind=kind)
     if engine.sa.mode == "none":
-        emitted, n_emit = autoregressive_round(engine, rows, s)
+        emitted, n_emit = autoregressive_round(engine, rows, rs)
     else:
-        emitted, n_emit = speculative_round(engine, rows, gamma, s, scored)
+        emitted, n_emit = speculative_round(engine, rows, gamma, rs, scored)
         n_acc = n_emit - 1
         rows.stats += torch.stack([n_acc, torch.clamp(n_emit, max=gamma), torch.ones_like(n_acc)]) * (~rows.done)
     n_emit = torch.where(rows.done, 0, n_emit)
@@ -466,7 +474,7 @@ def decode_round(engine: Engine, rows: Rows, gamma: int, s: Sampling, eos, score
 # ---------------------------------------------------------------- --gamma auto
 
 @torch.no_grad()
-def calibrate_gamma(engine: Engine, pos, s: Sampling) -> int:
+def calibrate_gamma(engine: Engine, pos, rs: RowSampling) -> int:
     """--gamma auto: time this run's own target step, verify step (at the planner's first gamma) and
     draft step, so that the planner's step ratios are measured ones, and return the starting gamma
     they give at the prior acceptance. The steps write junk K/V at positions >= pos [B]; decoding
@@ -476,13 +484,13 @@ def calibrate_gamma(engine: Engine, pos, s: Sampling) -> int:
     B, g, V = pos.shape[0], sa.gamma, engine.model.args.vocab_size
     cur = torch.zeros(B, dtype=torch.long, device=pos.device)
     drafts = torch.zeros(B, g, dtype=torch.long, device=pos.device)
-    q = None if s.temperature == 0 else torch.nn.functional.one_hot(drafts, V).float()
-    t_t = costmodel.median_time(lambda: engine.decode(cur, pos, s), pos.device, 3)
-    t_v = costmodel.median_time(lambda: engine.verify(cur, drafts, q, pos, s), pos.device, 3)
+    q = None if rs.kind == "greedy" else torch.nn.functional.one_hot(drafts, V).float()
+    t_t = costmodel.median_time(lambda: engine.decode(cur, pos, rs), pos.device, 3)
+    t_v = costmodel.median_time(lambda: engine.verify(cur, drafts, q, pos, rs), pos.device, 3)
     if sa.reselect:  # one verify in reselect is a scored one: the planner sees the mean cost
-        t_scored = costmodel.median_time(lambda: engine.verify(cur, drafts, q, pos, s, scored=True), pos.device, 3)
+        t_scored = costmodel.median_time(lambda: engine.verify(cur, drafts, q, pos, rs, scored=True), pos.device, 3)
         t_v += (t_scored - t_v) / sa.reselect
-    t_d = costmodel.median_time(lambda: engine.draft(cur[:, None], pos[:, None], s), pos.device, 3)
+    t_d = costmodel.median_time(lambda: engine.draft(cur[:, None], pos[:, None], rs), pos.device, 3)
     times = [t_t, t_v, t_d]
     if torch.distributed.is_initialized():
         torch.distributed.broadcast_object_list(times, src=0)
@@ -523,23 +531,24 @@ def generate(engine: Engine, prompts: list, max_new_tokens, eos_ids, s: Sampling
 
     sync(device)
     t0 = time.perf_counter()
-    first = spec.next_token(engine.prefill(tokens, prompt_lens, progress=on_prefill), s)
+    rs = RowSampling.of(s, B, device)
+    first = spec.next_token(engine.prefill(tokens, prompt_lens, progress=on_prefill), rs)
     gamma = sa.gamma
     if sa.mode != "none":
         engine.setup_draft(tokens, prompt_lens)
         if sa.planner is not None:
-            gamma = calibrate_gamma(engine, prompt_lens, s)
+            gamma = calibrate_gamma(engine, prompt_lens, rs)
     rows = Rows.empty(B, max(news), sa.ring_gamma + 1, device)
     everyone = torch.arange(B, device=device)
     last_prompt = tokens.gather(1, (prompt_lens - 1)[:, None])[:, 0]
-    rows.start(everyone, prompt_lens, last_prompt, first, torch.tensor(news, device=device), eos)
+    rows.start(everyone, prompt_lens, last_prompt, first, torch.tensor(news, device=device), eos, s)
     sync(device)
     t1 = time.perf_counter()
 
     rounds, gammas, marks = 0, [], []
     while not bool(rows.done.all()):  # the one host sync per step/round
         marks.append(time.perf_counter())
-        decode_round(engine, rows, gamma, s, eos, sa.scored(rounds))
+        decode_round(engine, rows, gamma, s.kind, eos, sa.scored(rounds))
         gammas.append(gamma)
         rounds += 1
         if sa.adapt_every and rounds % sa.adapt_every == 0:
@@ -562,6 +571,7 @@ class Request:
     where: str = ""  # where it came from, for error messages
     stop: tuple = ()  # strings that end the request once its text holds one (checked once per round)
     arrived: Optional[float] = None  # time.perf_counter() at arrival; None: when serve() starts
+    sampling: Optional[Sampling] = None  # None: serve()'s
     cancelled: bool = False  # set from any thread: the request ends at the next round, its slot freed
 
 
@@ -618,7 +628,9 @@ def serve(engine: Engine, requests, eos_ids, s: Sampling, on_finish, *, on_token
     done its slot takes the oldest waiting request. requests: a list (all arrive at the start) or a
     RequestQueue that other threads feed while this runs. A request ends at its EOS, its
     max_new_tokens, a stop string (decode(ids) -> text is needed for those), or its cancellation,
-    and its tokens are the ones it gets alone: nothing it shares a round with changes them.
+    and its tokens are the ones it gets alone: nothing it shares a round with changes them (a sampled
+    request's draws from the random stream aside). Each request samples as its own .sampling says,
+    or as s when it has none.
     on_tokens(request, new_ids) gets each request's tokens once per round as they are made (its
     first from prefill); on_finish(request, record) each finished request's tokens, text (with
     decode), finish_reason and timings, in completion order. The one host sync per round carries
@@ -678,12 +690,13 @@ def serve(engine: Engine, requests, eos_ids, s: Sampling, on_finish, *, on_token
                 if req.stop and decode is None:
                     raise ValueError(f"request {req.id!r} has stop strings: serve() needs decode to check them")
                 t_slot = time.perf_counter()
-                first = spec.next_token(engine.refill(row, req.prompt), s)
+                mine = req.sampling or s
+                first = spec.next_token(engine.refill(row, req.prompt)[None], RowSampling.of(mine, 1, device))
                 rows.start(torch.tensor([row], device=device), torch.tensor([len(req.prompt)], device=device),
-                           torch.tensor([req.prompt[-1]], device=device), first[None],
-                           torch.tensor([req.max_new_tokens], device=device), eos)
+                           torch.tensor([req.prompt[-1]], device=device), first,
+                           torch.tensor([req.max_new_tokens], device=device), eos, mine)
                 slots[row] = Slot(req, t_slot, time.perf_counter(), [])
-                reason = take_tokens(row, [int(first)])
+                reason = take_tokens(row, [int(first[0])])
                 slots[row].t_first = time.perf_counter()
                 if reason is not None:
                     finish(row, reason)
@@ -691,9 +704,10 @@ def serve(engine: Engine, requests, eos_ids, s: Sampling, on_finish, *, on_token
             if queue.exhausted():
                 break
             continue
+        kind = max(((x.req.sampling or s).kind for x in slots if x is not None), key=KINDS.index)
         if sa.planner is not None and not calibrated:
-            gamma, calibrated = calibrate_gamma(engine, rows.pos, s), True
-        emitted, n_emit = decode_round(engine, rows, gamma, s, eos, sa.scored(rounds))
+            gamma, calibrated = calibrate_gamma(engine, rows.pos, replace(rows.sampling, kind=kind)), True
+        emitted, n_emit = decode_round(engine, rows, gamma, kind, eos, sa.scored(rounds))
         rounds += 1
         if sa.adapt_every and rounds % sa.adapt_every == 0:
             gamma = replan(engine, rows) or gamma

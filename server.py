@@ -5,8 +5,8 @@
 # The standard library's ThreadingHTTPServer gives each connection a thread: it checks the request,
 # tokenizes it, submits it to the RequestQueue and waits on the request's own queue of events,
 # which the one engine thread fills once per round (its tokens, then its end). Everything the
-# engine needs is a flag of generate.py's; sampling is server-wide because it is baked into the
-# compiled steps, so a request may restate the server's temperature/top_p/top_k but not change them.
+# engine needs is a flag of generate.py's. Each request samples with its own temperature, top_p and
+# top_k (the server's flags when it gives none): they are per-row tensors of the compiled steps.
 import hmac
 import json
 import math
@@ -20,6 +20,7 @@ import threading
 import time
 import traceback
 import uuid
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
@@ -90,6 +91,21 @@ def conversation(messages) -> list:
     return out
 
 
+def request_sampling(body, s: Sampling) -> Sampling:
+    """The request's temperature, top_p and top_k, each the server's (s) where not given."""
+    if "temperature" in body:
+        t = body["temperature"]
+        check(number(t) and t >= 0, "temperature must be a finite number >= 0 (0: greedy)", "temperature")
+        s = replace(s, temperature=float(t))
+    if "top_p" in body:
+        check(number(body["top_p"]) and 0 < body["top_p"] <= 1, "top_p must be a number in (0, 1] (1: off)", "top_p")
+        s = replace(s, top_p=float(body["top_p"]))
+    if "top_k" in body:
+        check(integer(body["top_k"]) and body["top_k"] >= 0, "top_k must be an integer >= 0 (0: off)", "top_k")
+        s = replace(s, top_k=body["top_k"])
+    return s
+
+
 def parse_request(body, path, *, tokenizer, model_name, s: Sampling, max_seq_len, max_new_tokens) -> tuple:
     """A request body -> (Request, stream, include_usage), or ApiError: every field checked, the prompt
     tokenized and measured against the cache before anything queues."""
@@ -103,14 +119,7 @@ def parse_request(body, path, *, tokenizer, model_name, s: Sampling, max_seq_len
     if model != model_name:
         raise ApiError(404, f"the model {model!r} does not exist: this server serves {model_name!r}", "model",
                        "model_not_found")
-    # sampling is compiled into the steps: a request may restate the server's settings, not change them
-    for name, value, is_type in (("temperature", s.temperature, number), ("top_p", s.top_p, number),
-                                 ("top_k", s.top_k, integer)):
-        if name in body:
-            check(is_type(body[name]), f"{name} must be a {'number' if is_type is number else 'integer'}", name)
-            check(body[name] == value, f"{name} is server-wide on this server ({value}, set by --{name}): sampling "
-                                       f"is compiled into the decoding steps, so a request cannot change it",
-                  name, "unsupported_value")
+    sampling = request_sampling(body, s)
     for name, want in (("n", 1), ("presence_penalty", 0), ("frequency_penalty", 0)):
         if name in body:
             check(number(body[name]), f"{name} must be a number", name)
@@ -156,7 +165,7 @@ def parse_request(body, path, *, tokenizer, model_name, s: Sampling, max_seq_len
                               f"positions, more than this server's {max_seq_len} (--max_seq_len)",
           length_field, "context_length_exceeded")
     rid = ("chatcmpl-" if param == "messages" else "cmpl-") + uuid.uuid4().hex[:24]
-    req = Request(rid, ids, max_tokens, where=param, stop=tuple(stop))
+    req = Request(rid, ids, max_tokens, where=param, stop=tuple(stop), sampling=sampling)
     return req, stream, options.get("include_usage", False)
 
 
@@ -503,12 +512,15 @@ def parse_args(argv=None):
 
 @torch.no_grad()
 def warm_up(engine, tokenizer, s):
-    """Compiles every step a stream uses (refill, and each decode round) before the first client waits for it."""
+    """Compiles every step a stream uses (refill, and each decode round) before the first client waits
+    for it; with CUDA graphs, captures each step for every sampling kind (spec.KINDS) a request may bring."""
     prompt = G.prompt_ids(tokenizer, "Hello, world.") or [0]
     width = engine.sa.ring_gamma + 1 if engine.sa.mode != "none" else 1
-    requests = [Request(f"warm-{i}", prompt, min(2 * width + 1, engine.max_seq_len - len(prompt)))
-                for i in range(engine.batch_size + 1)]
-    serve(engine, requests, {-1}, s, lambda req, record: None)
+    kinds = [Sampling(), Sampling(1.0), Sampling(1.0, top_k=50)] if engine.graphs is not None else [s]
+    for k in kinds:
+        requests = [Request(f"warm-{i}", prompt, min(2 * width + 1, engine.max_seq_len - len(prompt)), sampling=k)
+                    for i in range(engine.batch_size + 1)]
+        serve(engine, requests, {-1}, s, lambda req, record: None)
 
 
 def main(argv=None) -> int:

@@ -17,30 +17,68 @@ import torch.nn.functional as F
 from model import run_block
 
 
-@dataclass(frozen=True)  # hashable: each setting is its own captured step
+@dataclass(frozen=True)
 class Sampling:
+    """How one request's (or a whole batch's) tokens are drawn."""
     temperature: float = 0.0  # 0: greedy
     top_k: int = 0  # 0: off
     top_p: float = 1.0  # 1.0: off
 
+    @property
+    def kind(self) -> str:
+        return "greedy" if self.temperature == 0 else "filtered" if self.top_k > 0 or self.top_p < 1 else "sampled"
 
-def logits_to_probs(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
-    """[..., V] fp32 logits -> the distribution tokens are drawn from (temperature, top-k, top-p)."""
-    if s.temperature == 0:
-        return F.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype)
+
+KINDS = ("greedy", "sampled", "filtered")  # each kind covers the ones before it
+
+
+@dataclass
+class RowSampling:
+    """Every row's sampling settings as device tensors [B], so that the rows of one batch (the
+    requests of a stream) each sample their own way with no step compiled or captured per setting.
+    kind, the one static part, is the most general among the rows (KINDS): a "greedy" step builds
+    no distributions, a "sampled" one skips top-k/top-p's sort over the vocabulary; a greedy row in
+    a sampling step still gets exact argmaxes."""
+    temperature: torch.Tensor  # [B] float32, 0: greedy
+    top_k: torch.Tensor  # [B] int64, 0: off
+    top_p: torch.Tensor  # [B] float32, 1: off
+    kind: str
+
+    @classmethod
+    def of(cls, s: Sampling, batch: int, device) -> "RowSampling":
+        full = lambda value, dtype: torch.full((batch,), value, dtype=dtype, device=device)  # noqa: E731
+        return cls(full(s.temperature, torch.float32), full(s.top_k, torch.long), full(s.top_p, torch.float32), s.kind)
+
+    @property
+    def tensors(self) -> tuple:
+        return self.temperature, self.top_k, self.top_p
+
+
+def logits_to_probs(logits: torch.Tensor, rs: RowSampling) -> torch.Tensor:
+    """[B, ..., V] fp32 logits -> the distributions tokens are drawn from, each row with its own
+    temperature, top-k and top-p (one-hot on the argmax for a greedy row)."""
+    one_hot = F.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype)
+    if rs.kind == "greedy":
+        return one_hot
+    per_row = lambda t: t.view(-1, *[1] * (logits.dim() - 1))  # noqa: E731  [B] -> [B, 1, ..., 1]
+    greedy = per_row(rs.temperature == 0)
     # shifted first, so that any finite temperature is well defined: a tiny one leaves the argmax
     # (ties split evenly) instead of overflowing to NaN, a huge one approaches uniform
-    logits = (logits - logits.amax(-1, keepdim=True)) / s.temperature
-    if s.top_k > 0:
-        kth = logits.topk(min(s.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if s.top_p < 1.0:
+    logits = (logits - logits.amax(-1, keepdim=True)) / per_row(torch.where(rs.temperature == 0, 1.0, rs.temperature))
+    if rs.kind == "filtered":
+        V = logits.shape[-1]
         sorted_logits, order = logits.sort(-1, descending=True)
+        # top-k: drop what ranks below the k-th value (ties with it stay)
+        k = per_row(torch.where(rs.top_k > 0, rs.top_k.clamp(max=V), V) - 1)
+        kth = sorted_logits.gather(-1, k.expand(*logits.shape[:-1], 1))
+        sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
+        # top-p, over what top-k kept: drop a token when the tokens ranked above it already reach
+        # top_p (the first always stays)
         sorted_probs = sorted_logits.softmax(-1)
-        # drop a token when the tokens ranked above it already reach top_p (the first always stays)
-        drop_sorted = sorted_probs.cumsum(-1) - sorted_probs >= s.top_p
+        drop_sorted = (sorted_probs.cumsum(-1) - sorted_probs >= per_row(rs.top_p)) & per_row(rs.top_p < 1)
+        drop_sorted |= sorted_logits == float("-inf")
         logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
-    return logits.softmax(-1)
+    return torch.where(greedy, one_hot, logits.softmax(-1))
 
 
 def sample(weights: torch.Tensor) -> torch.Tensor:
@@ -50,24 +88,32 @@ def sample(weights: torch.Tensor) -> torch.Tensor:
     return (weights / noise).argmax(-1)
 
 
-def next_token(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
-    """[..., V] logits -> one token per row: the argmax (greedy) or a sample."""
-    return logits.argmax(-1) if s.temperature == 0 else sample(logits_to_probs(logits, s))
+def where_greedy(rs: RowSampling, greedy_value: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """greedy_value for greedy rows, value for the others ([B, ...] each)."""
+    greedy = (rs.temperature == 0).view(-1, *[1] * (value.dim() - 1))
+    return torch.where(greedy, greedy_value, value)
 
 
-def decode_step(model, cache, cur, pos, s: Sampling, block=run_block):
+def next_token(logits: torch.Tensor, rs: RowSampling) -> torch.Tensor:
+    """[B, V] logits -> one token per row: its argmax (greedy rows) or a sample."""
+    if rs.kind == "greedy":
+        return logits.argmax(-1)
+    return where_greedy(rs, logits.argmax(-1), sample(logits_to_probs(logits, rs)))
+
+
+def decode_step(model, cache, cur, pos, rs: RowSampling, block=run_block):
     """One autoregressive step for every row: cur, pos [B] -> next token [B]."""
-    return next_token(model(cur[:, None], pos[:, None], cache, block=block)[:, -1], s)
+    return next_token(model(cur[:, None], pos[:, None], cache, block=block)[:, -1], rs)
 
 
-def draft_step(draft_model, draft_cache, tokens, input_pos, s: Sampling, block=run_block):
-    """tokens, input_pos [B, T] -> next draft token [B] and its distribution q [B, V] (None when
-    greedy: the draft's argmax is all the verification needs)."""
+def draft_step(draft_model, draft_cache, tokens, input_pos, rs: RowSampling, block=run_block):
+    """tokens, input_pos [B, T] -> next draft token [B] and its distribution q [B, V] (None in a
+    greedy step: the draft's argmax is all the verification needs; a greedy row's q is one-hot)."""
     logits = draft_model(tokens, input_pos, draft_cache, block=block)[:, -1]
-    if s.temperature == 0:
+    if rs.kind == "greedy":
         return logits.argmax(-1), None
-    q = logits_to_probs(logits, s)
-    return sample(q), q
+    q = logits_to_probs(logits, rs)
+    return where_greedy(rs, logits.argmax(-1), sample(q)), q
 
 
 def accept(p, q, drafts):
@@ -96,15 +142,18 @@ def accept_greedy(target_tokens, drafts):
     return n_accept, target_tokens.gather(1, n_accept[:, None])[:, 0]
 
 
-def verify_step(target, cache, cur, drafts, q, pos, s: Sampling, refresh=None, reselect=None, block=run_block):
-    """Target forward over [cur, drafts] at positions pos .. pos + g, then acceptance.
-    cur, pos [B]; drafts [B, g]; q [B, g, V] (None when greedy) -> n_accept [B], next token [B].
+def verify_step(target, cache, cur, drafts, q, pos, rs: RowSampling, refresh=None, reselect=None, block=run_block):
+    """Target forward over [cur, drafts] at positions pos .. pos + g, then acceptance: greedy rows by
+    their argmaxes, the others by rejection sampling with their own settings.
+    cur, pos [B]; drafts [B, g]; q [B, g, V] (None in a greedy step) -> n_accept [B], next token [B].
     refresh: a draft cache that also gets the target's K/V of these positions, in the same step.
     reselect: a draft cache whose fixed entries this step re-picks from the target's attention to
     every cached position (a scored verify; kv_cache.LayerDraftKV.repick)."""
     tokens = torch.cat([cur[:, None], drafts], 1)
     input_pos = pos[:, None] + torch.arange(tokens.shape[1], device=pos.device)
     logits = target(tokens, input_pos, cache, refresh=refresh, reselect=reselect, block=block)
-    if s.temperature == 0:
-        return accept_greedy(logits.argmax(-1), drafts)
-    return accept(logits_to_probs(logits, s), q, drafts)
+    n_greedy, next_greedy = accept_greedy(logits.argmax(-1), drafts)
+    if rs.kind == "greedy":
+        return n_greedy, next_greedy
+    n_accept, next_sampled = accept(logits_to_probs(logits, rs), q, drafts)
+    return where_greedy(rs, n_greedy, n_accept), where_greedy(rs, next_greedy, next_sampled)

@@ -44,10 +44,14 @@ from benchmarks.common import NO_EOS, ROOT, SMOLLM2, agreement, environment, ess
 from checkpoint import load_model
 from engine import Engine, Request, SpecArgs, generate, serve, sync
 from model import default_group_size, flash_attn_with_kvcache, quantized_copy
-from spec import Sampling
+from spec import RowSampling, Sampling
 from tokenizer import load_tokenizer
 
 GREEDY = Sampling()
+
+
+def greedy(cur):  # GREEDY for each row of a step's input, as a step takes it
+    return RowSampling.of(GREEDY, cur.shape[0], cur.device)
 RESELECT_EVERY = 4  # --draft_reselect in the SD row with re-selection
 QUANT_AR = ("int8", "int4")  # the AR rows at batch 1 also run with these weights
 MAGICDEC_ALPHA_8B_32K = 0.81  # Llama-3.1-8B self-speculation, budget 512, 32K (MagicDec, arXiv 2408.11049)
@@ -173,11 +177,11 @@ def phase_preflight(run, name, B, S, backends):
         tokens = torch.tensor([p + [0] * (S // 2 - len(p)) for p in prompts], device=run.device)
         lens = torch.tensor([len(p) for p in prompts], device=run.device)
         step("prefill chunk", lambda: ar.prefill(tokens, lens), repeat=1)
-        step("decode", lambda: ar.decode(cur, pos, GREEDY))
+        step("decode", lambda: ar.decode(cur, pos, greedy(cur)))
         step("self-speculation draft setup", lambda: (sd.prefill(tokens, lens), sd.setup_draft(tokens, lens)), repeat=1)
-        step("draft", lambda: sd.draft(cur[:, None], pos[:, None], GREEDY))
-        step("verify", lambda: sd.verify(cur, cur[:, None].expand(-1, 2).contiguous(), None, pos, GREEDY))
-        step("scored verify", lambda: sd.verify(cur, cur[:, None].expand(-1, 2).contiguous(), None, pos, GREEDY,
+        step("draft", lambda: sd.draft(cur[:, None], pos[:, None], greedy(cur)))
+        step("verify", lambda: sd.verify(cur, cur[:, None].expand(-1, 2).contiguous(), None, pos, greedy(cur)))
+        step("scored verify", lambda: sd.verify(cur, cur[:, None].expand(-1, 2).contiguous(), None, pos, greedy(cur),
                                                 scored=True))
         step("refill", lambda: sd.refill(1, prompts[1]), repeat=1)
         requests = [Request(i, p[:S // 8], 6) for i, p in enumerate(prompts * 2)]
@@ -194,9 +198,9 @@ def ar_shape(run, hw, model, name, B, S, attn):
     engine = run.engine(model, B, S, attn=attn)
     cur = torch.ones(B, dtype=torch.long, device=run.device)
     pos = torch.full((B,), S - 1, device=run.device)  # the step reads all S positions
-    _, first = run.first_call(lambda: engine.decode(cur, pos, GREEDY))
+    _, first = run.first_call(lambda: engine.decode(cur, pos, greedy(cur)))
     run.add_graph_times(engine, first)
-    t = run.median(lambda: engine.decode(cur, pos, GREEDY))
+    t = run.median(lambda: engine.decode(cur, pos, greedy(cur)))
     a = model.args
     moved = costmodel.round_bytes(a, batch=B, slots=S, itemsize=run.dtype.itemsize, quantization=model.quantization)
     row = dict(model=name, batch_size=B, context=S, attn=attn, quantization=model.quantization, step_ms=t * 1e3,
@@ -252,12 +256,12 @@ def step_ratios(run, engine, pos, gammas):
     """T_T, T_V(gamma) / T_T and T_D / T_T on engine's caches, queries at positions pos [B]."""
     B = pos.shape[0]
     cur = torch.ones(B, dtype=torch.long, device=run.device)
-    t_t = run.median(lambda: engine.decode(cur, pos, GREEDY))
+    t_t = run.median(lambda: engine.decode(cur, pos, greedy(cur)))
     t_v = {}
     for g in gammas:
         drafts = torch.ones(B, g, dtype=torch.long, device=run.device)
-        t_v[g] = run.median(lambda: engine.verify(cur, drafts, None, pos, GREEDY)) / t_t
-    t_d = run.median(lambda: engine.draft(cur[:, None], pos[:, None], GREEDY)) / t_t
+        t_v[g] = run.median(lambda: engine.verify(cur, drafts, None, pos, greedy(cur))) / t_t
+    t_d = run.median(lambda: engine.draft(cur[:, None], pos[:, None], greedy(cur))) / t_t
     return t_t, t_v, t_d
 
 
@@ -292,7 +296,7 @@ def ratios_shape(run, model, name, B, S, gammas, budget, attn):
     g = max(gammas)
     drafts = torch.ones(B, g, dtype=torch.long, device=run.device)
     cur = torch.ones(B, dtype=torch.long, device=run.device)
-    t_scored = run.median(lambda: engine.verify(cur, drafts, None, pos, GREEDY, scored=True)) / t_t
+    t_scored = run.median(lambda: engine.verify(cur, drafts, None, pos, greedy(cur), scored=True)) / t_t
     row.update(gamma_scored=g, t_scored_verify_over_t_verify=t_scored / t_v[g])  # --draft_reselect's extra cost
     del engine
     free(run.device)
@@ -300,8 +304,8 @@ def ratios_shape(run, model, name, B, S, gammas, budget, attn):
     # built after the first is freed (two target caches of this shape may not fit)
     engine = run.engine(model, B, S, sa, attn=attn, draft_model=quantized_copy(model, "int4", group_size(model, "int4")))
     engine.draft_cache.fill(engine.cache, pos)
-    t_t4 = run.median(lambda: engine.decode(cur, pos, GREEDY))
-    row.update(t_draft_int4_over_t_target=run.median(lambda: engine.draft(cur[:, None], pos[:, None], GREEDY)) / t_t4)
+    t_t4 = run.median(lambda: engine.decode(cur, pos, greedy(cur)))
+    row.update(t_draft_int4_over_t_target=run.median(lambda: engine.draft(cur[:, None], pos[:, None], greedy(cur))) / t_t4)
     row["predicted_speedup_int4_draft_by_gamma"] = predicted_speedups(t_v, row["t_draft_int4_over_t_target"],
                                                                       MAGICDEC_ALPHA_8B_32K)
     run.rec["step_ratios"].append(row)

@@ -26,7 +26,7 @@ from benchmarks.common import NO_EOS
 from checkpoint import load_model
 from engine import Engine, SpecArgs, generate
 from kv_cache import Reselect
-from spec import Sampling
+from spec import RowSampling, Sampling
 from tokenizer import load_tokenizer
 
 SAMPLED = Sampling(temperature=0.7, top_p=0.95)
@@ -122,12 +122,13 @@ def cost(a, model, prompts):
     pos = torch.full((B,), a.prompt_len, dtype=torch.long)
     engine.draft_cache.fill(engine.cache, pos)
     cur, drafts = torch.ones(B, dtype=torch.long), torch.ones(B, a.gamma, dtype=torch.long)
+    greedy = RowSampling.of(Sampling(), B, "cpu")
     times = {"verify": [], "scored": [], "decode": []}
     for _ in range(a.cycles):  # alternated
-        times["decode"].append(costmodel.median_time(lambda: engine.decode(cur, pos, Sampling()), "cpu", 5))
-        times["verify"].append(costmodel.median_time(lambda: engine.verify(cur, drafts, None, pos, Sampling()), "cpu", 5))
+        times["decode"].append(costmodel.median_time(lambda: engine.decode(cur, pos, greedy), "cpu", 5))
+        times["verify"].append(costmodel.median_time(lambda: engine.verify(cur, drafts, None, pos, greedy), "cpu", 5))
         times["scored"].append(costmodel.median_time(
-            lambda: engine.verify(cur, drafts, None, pos, Sampling(), scored=True), "cpu", 5))
+            lambda: engine.verify(cur, drafts, None, pos, greedy, scored=True), "cpu", 5))
     per = [s / v for s, v in zip(times["scored"], times["verify"])]
     print(f"B={B} x {a.prompt_len}: decode {statistics.median(times['decode']) * 1e3:.1f} ms, verify "
           f"{statistics.median(times['verify']) * 1e3:.1f} ms, scored verify {statistics.median(times['scored']) * 1e3:.1f}"

@@ -24,7 +24,7 @@ import costmodel
 from benchmarks.common import Run, engine_run, ints
 from engine import Engine, SpecArgs, pad_prompts
 from checkpoint import load_model
-from spec import Sampling
+from spec import RowSampling, Sampling
 from tokenizer import load_tokenizer
 
 ADAPT_EVERY = 8  # --gamma auto re-chooses gamma every this many rounds (the CLI's default)
@@ -84,8 +84,9 @@ def step_times(args, model, draft_model, mode, prompts, max_seq, pos, gammas) ->
     every row at position pos. The steps are timed in turn, one call each per cycle, so that a drift
     in machine speed hits them alike; two cycles warm up. Self-speculation's verify steps also
     refresh the first budget's draft cache, as in generate()."""
-    device, greedy = torch.device(args.device), Sampling()
+    device = torch.device(args.device)
     B = len(prompts)
+    greedy = RowSampling.of(Sampling(), B, device)
     tokens, lens = pad_prompts(prompts, device)
     keys = list(args.budgets) + (["full"] if mode == "draft" and "full" in args.draft_kv else [])
     engines = {}

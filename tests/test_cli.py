@@ -226,11 +226,11 @@ def test_failed_output_write_keeps_the_old_file(tmp_path, tiny_checkpoint, monke
 
 
 def test_tiny_temperature_is_greedy_and_huge_is_well_defined():
-    from spec import Sampling, logits_to_probs
+    from spec import RowSampling, Sampling, logits_to_probs
     logits = torch.tensor([[1.0, 3.0, 2.0, 3.0 - 1e-3]])
-    p = logits_to_probs(logits, Sampling(temperature=1e-40))
+    p = logits_to_probs(logits, RowSampling.of(Sampling(temperature=1e-40), 1, "cpu"))
     assert torch.isfinite(p).all() and p.argmax().item() == 1 and p[0, 1] == 1.0
-    p = logits_to_probs(logits, Sampling(temperature=1e30))
+    p = logits_to_probs(logits, RowSampling.of(Sampling(temperature=1e30), 1, "cpu"))
     assert torch.isfinite(p).all() and torch.allclose(p, torch.full_like(p, 0.25))
 
 

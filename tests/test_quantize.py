@@ -14,7 +14,7 @@ from conftest import REPO_ROOT, write_tiny_checkpoint
 from engine import Engine, Request, Rows, SpecArgs, decode_round, generate, pad_prompts, serve
 from model import (ModelArgs, QuantLinear, dequantize_weight, quantize, quantize_weight, quantized_copy,
                    quantized_layout)
-from spec import Sampling, logits_to_probs
+from spec import RowSampling, Sampling, logits_to_probs
 
 sys.path.insert(0, os.path.join(REPO_ROOT, "scripts"))
 import quantize as Q  # noqa: E402  scripts/quantize.py
@@ -115,14 +115,15 @@ def test_sampling_with_a_quantized_draft_keeps_the_target_distribution(tiny, tin
     first = engine.prefill(tokens, lens).argmax(-1)
     engine.setup_draft(tokens, lens)
     rows, eos = Rows.empty(n, 20, 4, "cpu"), torch.tensor([-1])
-    rows.start(torch.arange(n), lens, tokens[:, len(prompt) - 1], first, torch.full((n,), 20), eos)
     s = Sampling(temperature=1.5)
+    rows.start(torch.arange(n), lens, tokens[:, len(prompt) - 1], first, torch.full((n,), 20), eos, s)
     history = prompt + [int(first[0])]
     full = KVCache(3, 1, 2, MAX_SEQ, 16, dtype=torch.float32, device="cpu")
-    p = logits_to_probs(target(torch.tensor([history]), torch.arange(len(history))[None], full)[0, -1], s)
+    p = logits_to_probs(target(torch.tensor([history]), torch.arange(len(history))[None], full)[0, -1:],
+                        RowSampling.of(s, 1, "cpu"))[0]
     n_gen = int(rows.n_gen[0])
     torch.manual_seed(0)
-    decode_round(engine, rows, 3, s, eos)
+    decode_round(engine, rows, 3, s.kind, eos)
     assert 0 < rows.stats[0].sum() < 3 * n  # drafts were kept, and rejected
     ok, stat, limit = _chi2_ok(rows.out[:, n_gen], p)
     assert ok, f"chi2 {stat:.1f} >= {limit:.1f}"

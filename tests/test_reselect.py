@@ -13,7 +13,7 @@ from conftest import write_tiny_checkpoint
 from engine import Engine, Request, Rows, SpecArgs, decode_round, generate, pad_prompts, serve
 from kv_cache import Reselect
 from model import apply_rope
-from spec import Sampling, logits_to_probs
+from spec import RowSampling, Sampling, logits_to_probs
 
 MAX_NEW, MAX_SEQ = 40, 112
 
@@ -89,17 +89,19 @@ def test_sampling_after_a_reselection_keeps_the_target_distribution(tiny, tiny_p
     engine.setup_draft(tokens, lens)
     picks = fixed_slots(engine)
     rows, eos = Rows.empty(n, 20, 4, "cpu"), torch.tensor([-1])
-    rows.start(torch.arange(n), lens, tokens[:, len(prompt) - 1], first, torch.full((n,), 20), eos)
-    decode_round(engine, rows, 3, Sampling(), eos, scored=True)
+    rows.start(torch.arange(n), lens, tokens[:, len(prompt) - 1], first, torch.full((n,), 20), eos, Sampling())
+    decode_round(engine, rows, 3, "greedy", eos, scored=True)
     assert not torch.equal(fixed_slots(engine), picks)
     history = prompt + rows.out[0, :int(rows.n_gen[0])].tolist()  # every row's tokens so far
     s = Sampling(temperature=1.5)
     from kv_cache import KVCache
     full = KVCache(3, 1, 2, MAX_SEQ, 16, dtype=torch.float32, device="cpu")
-    p = logits_to_probs(target(torch.tensor([history]), torch.arange(len(history))[None], full)[0, -1], s)
+    p = logits_to_probs(target(torch.tensor([history]), torch.arange(len(history))[None], full)[0, -1:],
+                        RowSampling.of(s, 1, "cpu"))[0]
     n_gen = int(rows.n_gen[0])
+    rows.sampling = RowSampling.of(s, n, "cpu")  # every row samples from here on
     torch.manual_seed(0)
-    decode_round(engine, rows, 3, s, eos)
+    decode_round(engine, rows, 3, s.kind, eos)
     ok, stat, limit = _chi2_ok(rows.out[:, n_gen], p)
     assert ok, f"chi2 {stat:.1f} >= {limit:.1f}"
 
@@ -140,7 +142,7 @@ def test_picks_equal_a_direct_computation(tiny, tiny_prompts):
     first = engine.prefill(tokens, lens).argmax(-1)
     engine.setup_draft(tokens, lens)
     drafts = torch.randint(3, target.args.vocab_size, (3, 3), generator=torch.Generator().manual_seed(1))
-    engine.verify(first, drafts, None, lens, Sampling(), scored=True)  # verifies [first, drafts] at lens..lens+3
+    engine.verify(first, drafts, None, lens, RowSampling.of(Sampling(), 3, "cpu"), scored=True)  # verifies [first, drafts] at lens..lens+3
     heads_differ = False
     for b, prompt in enumerate(tiny_prompts):
         history = prompt + [int(first[b])] + drafts[b].tolist()

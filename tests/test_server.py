@@ -218,6 +218,31 @@ def test_more_requests_than_slots_each_get_their_solo_answer(ar, tokenizer, solo
     assert max(h["running"] for h in seen) == 2 and max(h["waiting"] for h in seen) >= 1
 
 
+@pytest.mark.parametrize("mode", ["ar", "sd"])
+def test_each_request_samples_its_own_way(request, tokenizer, solo, mode):
+    """Requests with their own temperature, top_k and top_p share the slots' rounds: a greedy one
+    (temperature 0, or none given: the server's greedy default) equals its solo output, top-k 1
+    sampling is the argmax whatever the temperature, and a hot request leaves the greedy path."""
+    s = request.getfixturevalue(mode)
+    n = 40
+    (ref,) = solo([LONG], n, *(SD if mode == "sd" else ()))
+    greedy = text(tokenizer, ref)
+    model, results = model_of(s), {}
+    jobs = {"default": {}, "temperature 0": dict(temperature=0), "top_k 1": dict(temperature=1.5, extra_body={"top_k": 1}),
+            "hot": dict(temperature=5.0), "hot, top_p": dict(temperature=3.0, top_p=0.9)}
+
+    def one(name, kw):
+        results[name] = s.client.completions.create(model=model, prompt=LONG, max_tokens=n, **kw).choices[0].text
+
+    threads = [threading.Thread(target=one, args=job) for job in jobs.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert results["default"] == results["temperature 0"] == results["top_k 1"] == greedy
+    assert results["hot"] != greedy and results["hot, top_p"] != greedy
+
+
 def test_stop_string_ends_the_answer_before_it(ar, tokenizer, solo):
     n = 80
     (ref,) = solo([LONG], n)
@@ -274,8 +299,12 @@ BAD = {  # body changes -> (status, param)
     "prompt a number": ({"prompt": 7}, 400, "prompt"),
     "prompt longer than the cache": ({"prompt": "hello " * MAX_SEQ}, 400, "prompt"),
     "prompt and max_tokens past the cache": ({"max_tokens": MAX_SEQ}, 400, "max_tokens"),
-    "another temperature": ({"temperature": 0.7}, 400, "temperature"),
-    "another top_p": ({"top_p": 0.5}, 400, "top_p"),
+    "negative temperature": ({"temperature": -0.5}, 400, "temperature"),
+    "temperature a string": ({"temperature": "hot"}, 400, "temperature"),
+    "top_p 0": ({"top_p": 0}, 400, "top_p"),
+    "top_p above 1": ({"top_p": 1.5}, 400, "top_p"),
+    "top_k negative": ({"top_k": -1}, 400, "top_k"),
+    "top_k a fraction": ({"top_k": 2.5}, 400, "top_k"),
     "stream not a boolean": ({"stream": "yes"}, 400, "stream"),
     "stop a number": ({"stop": 3}, 400, "stop"),
     "another model": ({"model": "gpt-5"}, 404, "model"),
@@ -299,9 +328,8 @@ def test_bad_requests_through_the_client(ar):
     with pytest.raises(openai.BadRequestError) as e:
         ar.client.chat.completions.create(model=model, messages=[{"role": "robot", "content": "hi"}])
     assert e.value.body["param"] == "messages[0].role"
-    with pytest.raises(openai.BadRequestError, match="server-wide"):
-        ar.client.completions.create(model=model, prompt="Hi", temperature=1.0)
-    assert ar.client.completions.create(model=model, prompt="Hi", max_tokens=2, temperature=0).usage.completion_tokens
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        ar.client.completions.create(model=model, prompt="Hi", temperature=-1.0)
     wrong = openai.OpenAI(base_url=ar.client.base_url, api_key="sk-wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         wrong.completions.create(model=model, prompt="Hi", max_tokens=2)

@@ -11,7 +11,7 @@ import spec
 from engine import Engine, Rows, SpecArgs, decode_round, generate, pad_prompts
 from kv_cache import DraftLayout, KVCache, snapkv_select
 from model import apply_rope
-from spec import Sampling, accept, accept_greedy, logits_to_probs
+from spec import RowSampling, Sampling, accept, accept_greedy, logits_to_probs
 
 MAX_NEW, MAX_SEQ = 40, 112
 
@@ -118,8 +118,8 @@ def test_rejection_sampling_matches_target_distribution(top_k, top_p):
     V, g, n = 12, 2, 200_000
     s = Sampling(temperature=0.9, top_k=top_k, top_p=top_p)
     target_logits = torch.randn(g + 1, V) * 1.5
-    p = logits_to_probs(target_logits, s)
-    q = logits_to_probs(target_logits[:g] + torch.randn(g, V), s)  # a draft correlated with the target
+    p = probs(target_logits, s)
+    q = probs(target_logits[:g] + torch.randn(g, V), s)  # a draft correlated with the target
     n_acc, first, second = _accept_trials(p, q, n)
     ok, stat, limit = _chi2_ok(first, p[0])
     assert ok, f"first token: chi2 {stat:.1f} >= {limit:.1f}"
@@ -145,9 +145,87 @@ def test_identical_distributions_accept_everything_and_expected_count():
 
 def test_greedy_is_exact_argmax():
     logits = torch.randn(4, 7, 50)
-    probs = logits_to_probs(logits, Sampling())
-    assert torch.equal(spec.sample(probs), logits.argmax(-1))
-    assert torch.equal(spec.next_token(logits, Sampling()), logits.argmax(-1))
+    greedy = RowSampling.of(Sampling(), 4, "cpu")
+    assert torch.equal(spec.sample(logits_to_probs(logits, greedy)), logits.argmax(-1))
+    assert torch.equal(spec.next_token(logits[:, 0], greedy), logits[:, 0].argmax(-1))
+
+
+def probs(logits, s):
+    """logits_to_probs for one setting over logits [..., V] (one row whatever the leading dims)."""
+    return logits_to_probs(logits[None], RowSampling.of(s, 1, "cpu"))[0]
+
+
+def reference_probs(logits, s):
+    """The distribution of one setting written out directly, per vector [V]: temperature, then
+    top-k (ties with the k-th value stay), then top-p over what top-k kept (a token stays while the
+    tokens ranked above it hold less than top_p)."""
+    if s.temperature == 0:
+        return F.one_hot(logits.argmax(), logits.numel()).float()
+    x = (logits - logits.max()) / s.temperature
+    if s.top_k:
+        x = torch.where(x >= x.sort(descending=True).values[min(s.top_k, x.numel()) - 1], x, float("-inf"))
+    if s.top_p < 1:
+        p = x.softmax(0)
+        keep = torch.zeros_like(x, dtype=torch.bool)
+        above = 0.0
+        for i in p.argsort(descending=True).tolist():
+            if above >= s.top_p or p[i] == 0:
+                break
+            keep[i], above = True, above + p[i].item()
+        x = torch.where(keep, x, float("-inf"))
+    return x.softmax(0)
+
+
+SETTINGS = [Sampling(), Sampling(0.7), Sampling(1.3, top_k=3), Sampling(0.9, top_p=0.6), Sampling(1.0, 5, 0.8),
+            Sampling(0.5, top_k=100), Sampling(2.0, top_p=1.0)]
+
+
+@pytest.mark.parametrize("kind", ["mixed", "alone"])
+def test_each_row_samples_with_its_own_settings(kind):
+    """A batch whose rows each have their own temperature, top-k and top-p gives every row the
+    distribution of its own setting, as computed directly for it alone."""
+    torch.manual_seed(6)
+    logits = torch.randn(len(SETTINGS), 3, 40) * 2
+    if kind == "mixed":
+        rs = RowSampling(torch.tensor([x.temperature for x in SETTINGS]), torch.tensor([x.top_k for x in SETTINGS]),
+                         torch.tensor([x.top_p for x in SETTINGS]), "filtered")
+        got = logits_to_probs(logits, rs)
+    else:
+        got = torch.stack([probs(row, x) for row, x in zip(logits, SETTINGS)])
+    for row, x, p in zip(logits, SETTINGS, got):
+        for t in range(3):
+            assert torch.allclose(p[t], reference_probs(row[t], x), atol=1e-6), (x, t)
+
+
+@pytest.mark.parametrize("mode", ["none", "self"])
+def test_greedy_and_sampled_rows_share_a_round(tiny, tiny_prompts, ar, mode):
+    """In one round, greedy rows emit exactly their autoregressive tokens while the sampled rows
+    beside them follow the target's distribution of their own setting (chi-square)."""
+    target, n = tiny[0], 4096
+    sa = SpecArgs(mode, gamma=3, draft_kv="streaming", draft_budget=24, sinks=4)
+    engine = Engine(target, n, MAX_SEQ, sa=sa)
+    prompt = tiny_prompts[1]
+    tokens, lens = pad_prompts([prompt] * n, "cpu")
+    first = engine.prefill(tokens, lens).argmax(-1)
+    if mode != "none":
+        engine.setup_draft(tokens, lens)
+    rows, eos = Rows.empty(n, 20, 4, "cpu"), torch.tensor([-1])
+    s = Sampling(temperature=1.5, top_k=20)
+    sampled = torch.arange(n) % 2 == 1
+    for mine, setting in ((~sampled, Sampling()), (sampled, s)):
+        idx = torch.arange(n)[mine]
+        rows.start(idx, lens[idx], tokens[idx, len(prompt) - 1], first[idx], torch.full((len(idx),), 20), eos, setting)
+    history = prompt + [int(first[0])]
+    full = KVCache(3, 1, 2, MAX_SEQ, 16, dtype=torch.float32, device="cpu")
+    p = probs(target(torch.tensor([history]), torch.arange(len(history))[None], full)[0, -1], s)
+    torch.manual_seed(0)
+    emitted, n_emit = decode_round(engine, rows, 3, s.kind, eos)
+    greedy_rows = ~sampled
+    assert (n_emit[greedy_rows] == n_emit[greedy_rows][0]).all()
+    k = int(n_emit[greedy_rows][0])
+    assert (emitted[greedy_rows, :k] == torch.tensor(ar[1][1:1 + k])).all()
+    ok, stat, limit = _chi2_ok(emitted[sampled, 0], p)
+    assert ok, f"chi2 {stat:.1f} >= {limit:.1f}"
 
 
 @pytest.mark.parametrize("drafts,target,n_accept,next_token", [
@@ -195,9 +273,9 @@ def _run_rounds(target, prompts, sa, n_rounds):
     B, no_eos = len(prompts), torch.tensor([-1])
     rows = Rows.empty(B, n_rounds * (sa.gamma + 1) + 1, sa.gamma + 1, "cpu")
     rows.start(torch.arange(B), lens, tokens.gather(1, (lens - 1)[:, None])[:, 0], first,
-               torch.full((B,), rows.out.shape[1]), no_eos)
+               torch.full((B,), rows.out.shape[1]), no_eos, Sampling())
     for _ in range(n_rounds):
-        decode_round(engine, rows, sa.gamma, Sampling(), no_eos)
+        decode_round(engine, rows, sa.gamma, "greedy", no_eos)
     return engine.cache, engine.draft_cache, rows.pos
 
 
