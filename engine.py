@@ -114,8 +114,9 @@ def memory_plan(target: ModelArgs, *, batch: int, max_seq_len: int, itemsize: in
                 plan["draft scratch row"] = full(d, 1)
     tokens = batch * (sa.ring_gamma + 1 if sa.mode != "none" else 1)
     plan["logits"] = 3 * tokens * target.vocab_size * 4  # fp32 logits, probabilities, the acceptance test's copies
-    if sa.reselect:  # a scored verify's attention weights over the whole cache (products, fp32 softmax), one layer's
-        plan["scored verify's attention weights"] = tokens * target.n_head // world * full_slots(max_seq_len, attn) \
+    if sa.reselect or attn == "math":  # the attention weights of a scored verify or a math step over the
+        # whole cache (products, fp32 softmax), one layer's at a time
+        plan["one layer's attention weights"] = tokens * target.n_head // world * full_slots(max_seq_len, attn) \
             * (itemsize + 8)
     def weights(a, scheme, group_size, dense_too):
         # tp.py shards each layer's matrices and replicates the output layer, embedding and norms
@@ -131,6 +132,17 @@ def memory_plan(target: ModelArgs, *, batch: int, max_seq_len: int, itemsize: in
     if draft_quantization[0] != "none":
         plan["draft's quantized matrices"] = weights(target, *draft_quantization, False)
     return plan
+
+
+def auto_attn(device, dtype, compile: bool) -> str:
+    """--attn auto: the attention backend measured fastest for this device, precision and compile mode
+    (benchmarks/README.md): flex on CUDA with compilation; on the CPU math with compilation in
+    bfloat16/float16 (its compiled decode step at 8 x 4K is 1.8x sdpa's); sdpa otherwise."""
+    if not compile:
+        return "sdpa"
+    if torch.device(device).type == "cuda":
+        return "flex"
+    return "sdpa" if dtype == torch.float32 else "math"
 
 
 def pad_prompts(prompts, device):

@@ -17,14 +17,16 @@
 # reach it. So rollback after a rejected speculation is free: the caller just does not advance.
 #
 # The mask takes the form the cache's attention backend reads (model.attend dispatches on it):
-# "sdpa" a boolean tensor [B, 1 | Hkv, T, S] (True = attend); "flex" a FlexAttention BlockMask built
-# from tensors inside the compiled step, over the query heads of each KV group folded into the query
-# axis; "flash" (full cache only) the int32 number of keys per row, for flash-attn's KV-cache kernel.
-# Flex runs only inside compiled steps (eager flex materialises every score): outside them, and
-# for blocks longer than one flex query block (prefill chunks), the same cache answers with SDPA's
-# boolean mask.
+# "sdpa" a boolean tensor [B, 1 | Hkv, T, S] (True = attend); "math" the same tensor wrapped in
+# Explicit (softmax(QK^T)V written out, for blocks of up to MATH_MAX_ROWS folded queries); "flex" a
+# FlexAttention BlockMask built from tensors inside the compiled step, over the query heads of each
+# KV group folded into the query axis; "flash" (full cache only) the int32 number of keys per row,
+# for flash-attn's KV-cache kernel. Flex runs only inside compiled steps (eager flex materialises
+# every score): outside them, and for blocks longer than one flex query block (prefill chunks), the
+# same cache answers with SDPA's boolean mask, as math does for prefill chunks.
 import os
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -33,6 +35,12 @@ from torch.nn.attention.flex_attention import BlockMask
 
 FLEX_BLOCK = 128
 FLASH_MAX_T = 64  # flash-attn serves calls of up to this many queries (decode, verify); longer ones use SDPA
+MATH_MAX_ROWS = 128  # "math" serves blocks of up to this many folded queries (its fp32 scores: rows x S per KV head)
+
+
+class Explicit(NamedTuple):
+    """The mask of the "math" backend: attention computed from its softmax weights (model.attend)."""
+    keep: torch.Tensor  # bool [B, 1 | Hkv, T, S], True = attend
 
 
 def flex_mask(mask_mod, n_full, full_indices, n_partial, partial_indices, q_len, kv_len):
@@ -46,6 +54,12 @@ def flex_mask(mask_mod, n_full, full_indices, n_partial, partial_indices, q_len,
 def uses_flex(attn, q_per_kv, T):
     # one query block of folded queries: decode and verify steps, not prefill chunks
     return attn == "flex" and q_per_kv * T <= FLEX_BLOCK and torch.compiler.is_compiling()
+
+
+def bool_or_explicit(attn, q_per_kv, mask):
+    """A boolean mask [B, 1 | Hkv, T, S] as the backend reads it: Explicit for "math" steps
+    (decode, draft, verify), the tensor itself for SDPA (and for math's prefill chunks)."""
+    return Explicit(mask) if attn == "math" and q_per_kv * mask.shape[2] <= MATH_MAX_ROWS else mask
 
 
 def free_memory(device) -> int:
@@ -157,7 +171,7 @@ class LayerKV(nn.Module):
             # causal bottom-right aligned on the row's key count: right for contiguous positions that
             # were not clamped, which the extra slots guarantee for blocks of up to FLASH_MAX_T
             return self.k, self.v, (input_pos[:, -1] + 1).int()
-        return self.k, self.v, self.bool_mask(input_pos)
+        return self.k, self.v, bool_or_explicit(self.attn, self.q_per_kv, self.bool_mask(input_pos))
 
     def bool_mask(self, input_pos):
         return self.slot_pos <= input_pos[:, None, :, None]  # [B, 1, T, S]
@@ -226,7 +240,7 @@ class LayerDraftKV(nn.Module):
         self.register_buffer("no_blocks", torch.zeros_like(self.kv_blocks))
         self.register_buffer("no_indices", torch.zeros_like(self.kv_indices))
         self.n_keep, self.window, self.ring, self.n_sink_pos = n_keep, layout.window, layout.ring, layout.n_sink_pos
-        self.attn = "flex" if attn == "flex" else "sdpa"  # flash-attn cannot express sinks + window
+        self.attn = "sdpa" if attn == "flash" else attn  # flash-attn cannot express sinks + window
         self.q_per_kv, self.policy = q_per_kv, policy
 
     def slot_of(self, pos):
@@ -256,7 +270,7 @@ class LayerDraftKV(nn.Module):
                 return self.sees(slot_pos[b, h, kv], input_pos[b, q % T], kv < self.n_keep)
             return self.k, self.v, flex_mask(mask_mod, self.no_blocks, self.no_indices, self.kv_blocks,
                                              self.kv_indices, self.q_per_kv * T, self.k.shape[2])
-        return self.k, self.v, self.bool_mask(input_pos)
+        return self.k, self.v, bool_or_explicit(self.attn, self.q_per_kv, self.bool_mask(input_pos))
 
     def repick(self, input_pos, scores, k_all, v_all):
         """Scored verify: the fixed slots := the n_keep positions that this step's verify queries

@@ -11,6 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+from kv_cache import Explicit
+
 
 @dataclass
 class ModelArgs:
@@ -164,8 +166,9 @@ if flash_attn_with_kvcache is not None:
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
     """q [B, Hq, T, D], k/v [B, Hkv, S, D] -> [B, Hq, T, D]. mask, as the cache returns it: boolean
-    [B, 1 or Hkv, T, S] (True = attend) for SDPA; a BlockMask for FlexAttention; int32 valid key counts
-    [B] for flash-attn (the keys of each row are positions 0..n-1, queries the last T of them).
+    [B, 1 or Hkv, T, S] (True = attend) for SDPA; the same wrapped in Explicit for the math backend;
+    a BlockMask for FlexAttention; int32 valid key counts [B] for flash-attn (the keys of each row
+    are positions 0..n-1, queries the last T of them).
 
     SDPA and flex: GQA is folded into the query length: the g query heads sharing a KV head become
     g*T query rows, so each KV head is read once, a one-token decode step is a g-row attention, and
@@ -174,6 +177,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Ten
         if flash_attn_with_kvcache is None:
             raise RuntimeError("attention backend 'flash' needs the flash-attn package (CUDA)")
         return flash_kvcache(q.transpose(1, 2).contiguous(), k.transpose(1, 2), v.transpose(1, 2), mask).transpose(1, 2)
+    if isinstance(mask, Explicit):
+        return weighted_values(attention_weights(q, k, mask.keep), v)
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
     g = Hq // Hkv
@@ -230,7 +235,7 @@ class Attention(nn.Module):
             # one pass over K and V: the attention weights give both this step's output and the
             # scores that re-pick the draft's entries (as Vegas exports them from its verify kernel)
             weights = attention_weights(q, k_all, cache.bool_mask(input_pos))  # [B, Hkv, g, T, S]
-            y = torch.einsum("bkgts,bksd->bkgtd", weights.to(v_all.dtype), v_all).reshape(B, self.n_head, T, hd)
+            y = weighted_values(weights, v_all)
             last = reselect.policy.queries == "last"
             reselect.repick(input_pos, (weights[:, :, :, -1:] if last else weights).sum((2, 3)), k_all, v_all)
         else:
@@ -246,6 +251,13 @@ def attention_weights(q, k, mask):
     Hkv = k.shape[1]
     s = torch.einsum("bkgtd,bksd->bkgts", q.view(B, Hkv, Hq // Hkv, T, D).to(k.dtype), k).float() / math.sqrt(D)
     return s.masked_fill(~mask[:, :, None], float("-inf")).softmax(-1)
+
+
+def weighted_values(weights, v):
+    """Attention weights [B, Hkv, g, T, S] (attention_weights) and values [B, Hkv, S, D] -> the
+    attention output [B, Hkv * g, T, D], the products in the values' dtype."""
+    B, Hkv, g, T, _ = weights.shape
+    return torch.einsum("bkgts,bksd->bkgtd", weights.to(v.dtype), v).reshape(B, Hkv * g, T, v.shape[-1])
 
 
 def attention_probs(q, k, mask):
@@ -378,21 +390,26 @@ class QuantLinear(nn.Module):
     by `_weight_int8pack_mm` on the CPU and elsewhere by gpt-fast's form (the int8 weight converted
     inside the matmul, which torch.compile fuses); int4 by `_weight_int4pack_mm_for_cpu` (CPU) or
     `_weight_int4pack_mm` (CUDA) on the packed layout each wants, made here for the device. So it is
-    built where it runs: a packed int4 weight does not move between devices."""
+    built where it runs: a packed int4 weight does not move between devices. On the CPU it computes
+    in bfloat16 whatever the model's dtype: torch's CPU kernels run 5-30x slower on float32
+    activations (benchmarks/README.md), so a float32 model's activations are rounded to bfloat16 for
+    these matmuls and their outputs converted back."""
 
     def __init__(self, tensors: dict, scheme: str, group_size: int, bias, device, dtype):
         super().__init__()
         device = torch.device(device)
         self.scheme, self.group_size = scheme, group_size
+        # the matmuls' dtype and their scales': bfloat16 on the CPU, else the activations' own
+        self.compute_dtype = torch.bfloat16 if device.type == "cpu" else None
         w = tensors["weight"].to(device)
         self.out_features = w.shape[0]
         self.bias = None if bias is None else nn.Parameter(bias.to(device, dtype), requires_grad=False)
         if scheme == "int8":
             self.register_buffer("weight", w)
-            self.register_buffer("scales", tensors["scales"].to(device, dtype))
+            self.register_buffer("scales", tensors["scales"].to(device, self.compute_dtype or dtype))
             return
         k = 2 * w.shape[1]
-        sz = tensors["scales_and_zeros"].to(device, dtype)
+        sz = tensors["scales_and_zeros"].to(device, self.compute_dtype or dtype)
         pad = -self.out_features % 16  # the kernels take whole tiles of 16 (CPU) or 8 (CUDA) output rows
         if pad:  # padded rows compute outputs that forward cuts off
             w, sz = F.pad(w, (0, 0, 0, pad)), F.pad(sz, (0, 0, 0, pad))
@@ -405,8 +422,17 @@ class QuantLinear(nn.Module):
         self.register_buffer("weight", packed)
         self.register_buffer("scales_and_zeros", sz)
 
+    def _apply(self, fn, recurse=True):
+        # a model-wide .to(dtype) sets the activations' dtype; the CPU kernels' scales keep theirs
+        super()._apply(fn, recurse)
+        if self.compute_dtype is not None:
+            for name in ("scales", "scales_and_zeros"):
+                if hasattr(self, name):
+                    setattr(self, name, getattr(self, name).to(self.compute_dtype))
+        return self
+
     def forward(self, x):
-        x2 = x.reshape(-1, x.shape[-1]).contiguous()
+        x2 = x.reshape(-1, x.shape[-1]).to(self.compute_dtype or x.dtype).contiguous()
         if self.scheme == "int8":
             if x.device.type == "cpu":
                 y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales)
@@ -415,6 +441,7 @@ class QuantLinear(nn.Module):
         else:
             mm = torch.ops.aten._weight_int4pack_mm_for_cpu if x.device.type == "cpu" else torch.ops.aten._weight_int4pack_mm
             y = mm(x2, self.weight, self.group_size, self.scales_and_zeros)[:, :self.out_features]
+        y = y.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)

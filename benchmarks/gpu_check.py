@@ -1,6 +1,6 @@
 """The prepared GPU check: what this engine does on one GPU at large batch x long context.
 
-    python -m benchmarks.gpu_check [--phases preflight,ar,ratios,sd] [--out PATH] [--budget_s 450]
+    python -m benchmarks.gpu_check [--phases preflight,ar,ratios,sd,stream,serving] [--out PATH] [--budget_s 450]
     python -m benchmarks.gpu_check --smoke      # the same code on tiny shapes, on the CPU (CI runs it)
 
 Phases, in order of importance, each written to the JSON as soon as it ends (a run stopped at its
@@ -23,6 +23,8 @@ check moves on to the next shape.
           measured step ratios
   stream  SmolLM2, 128 essay requests (prompts 1K-4K tokens, 32-512 new) through 64 slots: static
           waves against continuous batching, AR and SD (python -m benchmarks.stream)
+  serving the same requests over HTTP through server.py at 64 slots, AR and SD, all at once and at 8
+          requests/s: throughput, TTFT and TPOT percentiles (python -m benchmarks.serving)
 Every engine compiles (one shared block per step kind) and replays its steps as CUDA graphs. A
 phase is skipped once the time budget would be overrun, and says so in the JSON.
 """
@@ -48,15 +50,15 @@ from spec import RowSampling, Sampling
 from tokenizer import load_tokenizer
 
 GREEDY = Sampling()
-
-
-def greedy(cur):  # GREEDY for each row of a step's input, as a step takes it
-    return RowSampling.of(GREEDY, cur.shape[0], cur.device)
 RESELECT_EVERY = 4  # --draft_reselect in the SD row with re-selection
 QUANT_AR = ("int8", "int4")  # the AR rows at batch 1 also run with these weights
 MAGICDEC_ALPHA_8B_32K = 0.81  # Llama-3.1-8B self-speculation, budget 512, 32K (MagicDec, arXiv 2408.11049)
 PHASE_KEYS = {"preflight": ["preflight"], "ar": ["ar", "attn_default"], "ratios": ["step_ratios", "predicted_speedup_8b"], "sd": ["sd"],
-              "stream": ["stream"]}
+              "stream": ["stream"], "serving": ["serving"]}
+
+
+def greedy(cur):  # GREEDY for each row of a step's input, as a step takes it
+    return RowSampling.of(GREEDY, cur.shape[0], cur.device)
 
 
 def sizes(smoke, big_gpu):
@@ -64,12 +66,14 @@ def sizes(smoke, big_gpu):
     if smoke:
         return dict(preflight=("tiny", 2, 128), ar=[("tiny", 1, 256), ("tiny", 4, 512)], ratios=("tiny", 2, 512), ratio_gammas=(2, 4),
                     ratio_budget=64, sd=[(2, 128)], sd_new=8, sd_gammas=(2,), sd_budget=32, repeats=3,
-                    stream=dict(n=5, slots=2, prompt_lens=(20, 60), new_tokens=(2, 12)))
+                    stream=dict(n=5, slots=2, prompt_lens=(20, 60), new_tokens=(2, 12)),
+                    serving=dict(n=4, slots=2, rates="4,inf", prompt_lens=(16, 48), new_tokens=(4, 12)))
     return dict(preflight=("smollm2-135m", 2, 256), ar=[("smollm2-135m", 1, 512), ("smollm2-135m", 64, 8192), ("smollm2-135m", 256, 8192),
                     ("llama-3.1-8b", 1, 4096), ("llama-3.1-8b", 16 if big_gpu else 8, 32768)],
                 ratios=("llama-3.1-8b", 16 if big_gpu else 8, 32768), ratio_gammas=(2, 4), ratio_budget=512,
                 sd=[(64, 8192), (256, 8192)], sd_new=256, sd_gammas=(3, 5), sd_budget=256, repeats=10,
-                stream=dict(n=128, slots=64, prompt_lens=(1024, 4096), new_tokens=(32, 512)))
+                stream=dict(n=128, slots=64, prompt_lens=(1024, 4096), new_tokens=(32, 512)),
+                serving=dict(n=128, slots=64, rates="8,inf", prompt_lens=(1024, 4096), new_tokens=(32, 512)))
 
 
 class Run:
@@ -401,10 +405,35 @@ def phase_stream(run, cfg, gamma, budget, attn):
     run.save()
 
 
+def phase_serving(run, cfg, gamma, budget):
+    """The serving benchmark (python -m benchmarks.serving): server.py processes, AR and SD at the
+    check's slot count, driven over HTTP at each rate, one cycle; compiled with CUDA graphs on the GPU
+    (eager in the smoke run)."""
+    if not os.path.exists(os.path.join(SMOLLM2, "model.pth")) or not run.room_for(240, "serving"):
+        return
+
+    def serving():
+        with tempfile.TemporaryDirectory() as d:
+            out = os.path.join(d, "serving.json")
+            cmd = [sys.executable, "-m", "benchmarks.serving", "--slots", str(cfg["slots"]), "--rates", cfg["rates"],
+                   "--requests", str(cfg["n"]), "--prompt_lens", ",".join(map(str, cfg["prompt_lens"])),
+                   "--new_tokens", ",".join(map(str, cfg["new_tokens"])), "--gamma", str(gamma),
+                   "--draft_budget", str(budget), "--cycles", "1", "--device", run.device.type,
+                   "--dtype", str(run.dtype).split(".")[1], "--prefill_chunk", "512" if not run.args.smoke else "64",
+                   "--compile" if not run.args.smoke else "--no-compile", "--json", out, "--plots", ""]
+            subprocess.run(cmd, cwd=ROOT, check=True, timeout=max(run.args.budget_s - run.elapsed(), 60))
+            with open(out) as f:
+                rec = json.load(f)
+        run.rec["serving"] = dict(cfg, gamma=gamma, draft_budget=budget, servers=rec["servers"], summary=rec["summary"],
+                                  runs=[{k: v for k, v in r.items() if k != "per_request"} for r in rec["runs"]])
+    run.isolated("serving", serving)
+    run.save()
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--phases", default="preflight,ar,ratios,sd,stream",
-                   help="comma-separated: preflight, ar, ratios, sd, stream")
+    p.add_argument("--phases", default="preflight,ar,ratios,sd,stream,serving",
+                   help="comma-separated: preflight, ar, ratios, sd, stream, serving")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the code, measures nothing")
     p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/gpu-<device>-<date>.json)")
     p.add_argument("--budget_s", type=float, default=450, help="start no phase step that would end past this")
@@ -453,6 +482,8 @@ def main(argv=None):
         phase_sd(run, sz["sd"], sz["sd_new"], sz["sd_gammas"], sz["sd_budget"], attn)
     if "stream" in args.phases:
         phase_stream(run, sz["stream"], sz["sd_gammas"][0], sz["sd_budget"], attn)
+    if "serving" in args.phases:
+        phase_serving(run, sz["serving"], sz["sd_gammas"][0], sz["sd_budget"])
     run.save()
     print(f"done in {run.elapsed():.0f} s: compile {run.rec['compile_s']:.0f} s, capture {run.rec['capture_s']:.1f} s, "
           f"recompiles {run.rec['recompiles']}, failures {len(run.rec['failures'])}", flush=True)

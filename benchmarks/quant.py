@@ -25,7 +25,7 @@ import torch
 import costmodel
 from benchmarks import common
 from checkpoint import load_model
-from engine import Engine, SpecArgs, generate
+from engine import Engine, SpecArgs, auto_attn, generate
 from kv_cache import KVCache
 from model import quantize, quantized_copy
 from spec import Sampling
@@ -39,6 +39,10 @@ def scheme_of(name):
     group size); all but fp32 run in bfloat16."""
     scheme, _, group = name.removesuffix("-dense_output").partition(":")
     return ("none", 0) if scheme in ("bf16", "fp32") else (scheme, int(group or 64) if scheme == "int4" else 0)
+
+
+def attn_for(a, model):
+    return auto_attn("cpu", model.tok_embeddings.weight.dtype, a.compile) if a.attn == "auto" else a.attn
 
 
 def shapes(text):
@@ -100,7 +104,7 @@ def ar(a, tokenizer):
     runs = []
     for B, S in shapes(a.shapes):
         prompts = common.essay_prompts(tokenizer, B, S)
-        engines = {n: Engine(m, B, S + a.new_tokens, compile=a.compile) for n, m in ms.items()}
+        engines = {n: Engine(m, B, S + a.new_tokens, compile=a.compile, attn=attn_for(a, m)) for n, m in ms.items()}
         for e in engines.values():  # compiles every step shape
             generate(e, [p[:64] for p in prompts], 4, common.NO_EOS, Sampling())
         gguf = {n: llama_cpp_model(a, LLAMA_CPP_CLASS[n.split(":")[0]]) for n in ms if n.split(":")[0] in LLAMA_CPP_CLASS} \
@@ -142,8 +146,9 @@ def sd(a, tokenizer):
     for B, S in shapes(a.shapes):
         prompts = common.essay_prompts(tokenizer, B, S)
         sa = SpecArgs("self", gamma=a.gamma, draft_kv=a.draft_kv, draft_budget=a.budget)
-        engines = {"ar": Engine(dense, B, S + a.new_tokens, compile=a.compile)}
-        engines |= {f"sd {n}": Engine(dense, B, S + a.new_tokens, sa=sa, draft_model=d, compile=a.compile)
+        attn = attn_for(a, dense)
+        engines = {"ar": Engine(dense, B, S + a.new_tokens, compile=a.compile, attn=attn)}
+        engines |= {f"sd {n}": Engine(dense, B, S + a.new_tokens, sa=sa, draft_model=d, compile=a.compile, attn=attn)
                     for n, d in drafts.items()}
         for e in engines.values():
             common.engine_run(e, [p[:64] for p in prompts], 2 * (a.gamma + 1) + 1)
@@ -264,6 +269,8 @@ def main(argv=None):
     p.add_argument("--ppl_len", type=int, default=1024)
     p.add_argument("--cycles", type=int, default=2)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--attn", default="auto", choices=["auto", "sdpa", "math"],
+                   help="auto: as generate.py's for each scheme's dtype (bfloat16: math when compiled)")
     p.add_argument("--llama_cpp_dir", default=os.path.join(common.ROOT, "checkpoints", "llama.cpp"),
                    help="where the requantized GGUFs are kept")
     p.add_argument("--json", default=None)

@@ -24,7 +24,7 @@ import costmodel
 from benchmarks import common
 from benchmarks.common import NO_EOS
 from checkpoint import load_model
-from engine import Engine, SpecArgs, generate
+from engine import Engine, SpecArgs, auto_attn, generate
 from kv_cache import Reselect
 from spec import RowSampling, Sampling
 from tokenizer import load_tokenizer
@@ -46,7 +46,7 @@ def spec_args(a, kind, budget, every, policy):
 def run_acceptance(a, model, prompts, kind, budget, every, policy, mode, seed):
     """One generation -> acceptance at each of a.lengths (over all rows), per row at the last."""
     engine = Engine(model, len(prompts), a.prompt_len + a.new_tokens, sa=spec_args(a, kind, budget, every, policy),
-                    compile=a.compile)
+                    compile=a.compile, attn=a.attn)
     marks = []  # per round: accepted, evaluated, generated, per row (one host sync per round)
     torch.manual_seed(seed)
     t = time.perf_counter()
@@ -92,7 +92,7 @@ def speed(a, model, prompts):
     engines = {}
     for name, conf in configs:
         sa = None if conf is None else spec_args(a, conf[0], a.budgets[0], int(conf[1]), a.policies[0])
-        engines[name] = Engine(model, len(prompts), a.prompt_len + a.new_tokens, sa=sa, compile=a.compile)
+        engines[name] = Engine(model, len(prompts), a.prompt_len + a.new_tokens, sa=sa, compile=a.compile, attn=a.attn)
         warm = 2 * (a.gamma + 1) * (int(conf[1]) + 1) + 2 if conf else 4  # reaches a scored verify
         generate(engines[name], [p[:64] for p in prompts], warm, NO_EOS, sampling(a.sampling[0]))
     runs = []
@@ -117,7 +117,7 @@ def speed(a, model, prompts):
 def cost(a, model, prompts):
     """Scored verify over plain verify at the prompts' shape (the draft cache holds prompt picks)."""
     sa = spec_args(a, a.kinds[0], a.budgets[0], 1, a.policies[0])
-    engine = Engine(model, len(prompts), a.prompt_len + a.new_tokens, sa=sa, compile=a.compile)
+    engine = Engine(model, len(prompts), a.prompt_len + a.new_tokens, sa=sa, compile=a.compile, attn=a.attn)
     B = len(prompts)
     pos = torch.full((B,), a.prompt_len, dtype=torch.long)
     engine.draft_cache.fill(engine.cache, pos)
@@ -156,8 +156,10 @@ def main(argv=None):
     p.add_argument("--cycles", type=int, default=2)
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--attn", default="auto", choices=["auto", "sdpa", "math"], help="auto: as generate.py's")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
+    a.attn = auto_attn("cpu", getattr(torch, a.dtype), a.compile) if a.attn == "auto" else a.attn
     a.kinds, a.policies, a.sampling, a.configs = (x.split(",") for x in (a.kinds, a.policies, a.sampling, a.configs))
     a.lengths = [L for L in a.lengths if L <= a.new_tokens] or [a.new_tokens]
     a.json = a.json or f"{common.RESULTS}/reselect-{a.what}-{time.strftime('%Y%m%d-%H%M%S')}.json"

@@ -11,7 +11,9 @@ SD/AR ratios are taken within a cycle, then the median over cycles. For each rat
 requests arrive as a Poisson process (exponential gaps at that mean rate per second; inf: all at
 once), each an essay stretch (token ids: exact lengths) with prompt length and max_tokens drawn
 uniformly from the given ranges (--seed, recorded; the same requests for every server and rate),
-streamed through the openai client with include_usage. Per rate:
+streamed with include_usage over the OpenAI wire format (server-sent events), read by a client of
+the standard library's http.client, which runs wherever the server does (a GPU machine without the
+openai package; tests/test_server.py speaks to the server through the openai client itself). Per rate:
   throughput    completion tokens and requests over the wall time from the first send to the last answer
   TTFT          send -> first text;  TPOT: (last chunk - first text) / (completion tokens - 1)
   latency       send -> last chunk;  p50, p90, p99 and mean of each
@@ -21,6 +23,7 @@ a point per slot count at the highest rate, medians over cycles; MagicDec's Figu
 benchmarks/plots/.
 """
 import argparse
+import http.client
 import json
 import math
 import os
@@ -89,16 +92,38 @@ class Server:
         self.log.close()
 
 
-def one_request(client, model, prompt, max_tokens, out):
+def stream_completion(url, model, prompt, max_tokens):
+    """POST /v1/completions with stream: true -> each server-sent event's JSON object, up to [DONE]
+    (an error event raises)."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=3600)
+    try:
+        body = dict(model=model, prompt=prompt, max_tokens=max_tokens, stream=True, stream_options={"include_usage": True})
+        conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+        r = conn.getresponse()
+        if r.status != 200:
+            raise RuntimeError(f"HTTP {r.status}: {r.read()[:300]!r}")
+        for line in r:  # http.client undoes the chunked transfer encoding
+            if not line.startswith(b"data: "):
+                continue
+            if line.strip() == b"data: [DONE]":
+                return
+            event = json.loads(line[6:])
+            if "error" in event:
+                raise RuntimeError(event["error"]["message"])
+            yield event
+    finally:
+        conn.close()
+
+
+def one_request(url, model, prompt, max_tokens, out):
     t_send, t_first, n, error = time.perf_counter(), None, 0, None
     try:
-        stream = client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, stream=True,
-                                           stream_options={"include_usage": True})
-        for chunk in stream:
-            if t_first is None and chunk.choices and chunk.choices[0].text:
+        for chunk in stream_completion(url, model, prompt, max_tokens):
+            if t_first is None and chunk["choices"] and chunk["choices"][0]["text"]:
                 t_first = time.perf_counter()
-            if chunk.usage is not None:
-                n = chunk.usage.completion_tokens
+            if chunk.get("usage"):
+                n = chunk["usage"]["completion_tokens"]
     except Exception as e:  # an answer that failed is counted, not timed
         error = f"{type(e).__name__}: {e}"
     t_end = time.perf_counter()
@@ -115,7 +140,7 @@ def percentiles(xs):
     return dict(p50=p50, p90=p90, p99=p99, mean=float(np.mean(xs)))
 
 
-def drive(server, client, model, requests, rate, seed):
+def drive(server, model, requests, rate, seed):
     """The requests at Poisson arrivals of the given mean rate -> the rate's record."""
     rng = random.Random(seed)
     before = server.health()
@@ -124,7 +149,7 @@ def drive(server, client, model, requests, rate, seed):
     at = 0.0
     for (prompt, max_tokens), out in zip(requests, outs):
         time.sleep(max(0.0, t0 + at - time.perf_counter()))
-        t = threading.Thread(target=one_request, args=(client, model, prompt, max_tokens, out))
+        t = threading.Thread(target=one_request, args=(server.url, model, prompt, max_tokens, out))
         t.start()
         threads.append(t)
         at += rng.expovariate(rate) if math.isfinite(rate) else 0.0
@@ -188,8 +213,6 @@ def plot(record, out_dir):
 
 
 def main(argv=None):
-    import openai
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint_path", default=SMOLLM2)
     p.add_argument("--modes", default="ar,sd")
@@ -238,17 +261,16 @@ def main(argv=None):
                     t = time.perf_counter()
                     server = up[mode] = Server(flags, logs, args.ready_timeout)
                     startup_s = time.perf_counter() - t
-                    server.client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0,
-                                                  timeout=3600)
-                    server.model = server.client.models.list().data[0].id
-                    one_request(server.client, server.model, requests[0][0], 2, {})  # the first request's one-off costs
+                    with urllib.request.urlopen(server.url + "/v1/models", timeout=60) as r:
+                        server.model = json.loads(r.read())["data"][0]["id"]
+                    one_request(server.url, server.model, requests[0][0], 2, {})  # the first request's one-off costs
                     servers.append(dict(mode=mode, slots=slots, startup_s=startup_s, ready_line=server.ready_line))
                 for cycle in range(args.cycles):
                     for i, rate in enumerate(rates):
                         for mode in modes:
                             server, stolen = up[mode], cpu_counters()
                             rec = dict(mode=mode, slots=slots, cycle=cycle,
-                                       **drive(server, server.client, server.model, requests, rate, args.seed + i),
+                                       **drive(server, server.model, requests, rate, args.seed + i),
                                        cpu_stolen=cpu_stolen_since(stolen))
                             runs.append(rec)
                             tpot = rec["tpot_s"]["p50"] * 1e3 if rec["tpot_s"] else float("nan")
@@ -280,7 +302,8 @@ def main(argv=None):
             if tput is not None:
                 print(f"{b} slots, rate {summary[-1]['rate']}/s: SD/AR throughput {tput:.2f}, p50 TPOT {tpot:.2f} "
                       f"(medians of {len(tput_cycles)} cycles)")
-    record = dict(environment(args.device), settings=vars(args), servers=servers, runs=runs, summary=summary)
+    record = dict(environment(args.device), settings=vars(args), client="http.client", servers=servers, runs=runs,
+                  summary=summary)
     path = args.json or os.path.join(RESULTS, f"serving-{args.device}-{time.strftime('%Y%m%d-%H%M%S')}.json")
     write_json(path, record)
     if args.plots:

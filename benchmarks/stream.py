@@ -24,7 +24,7 @@ import torch
 from benchmarks import common
 
 from benchmarks.common import NO_EOS, RESULTS, cpu_counters, cpu_stolen_since, environment, essay_prompts, write_json
-from engine import Engine, Request, SpecArgs, generate, serve, sync
+from engine import Engine, Request, SpecArgs, auto_attn, generate, serve, sync
 from checkpoint import load_model
 from spec import Sampling
 from tokenizer import load_tokenizer
@@ -123,11 +123,12 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--attn", default="sdpa", choices=["sdpa", "flex"])
+    p.add_argument("--attn", default="auto", choices=["auto", "sdpa", "math", "flex"], help="auto: as generate.py's")
     p.add_argument("--backend", default="inductor", help="torch.compile backend (aot_eager: the GPU check's smoke mode)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    args.attn = auto_attn(device, dtype, args.compile) if args.attn == "auto" else args.attn
     tokenizer = load_tokenizer(args.checkpoint_path)
     lo_hi = [tuple(int(x) for x in r.split(",")) for r in (args.prompt_lens, args.new_tokens)]
     requests = make_requests(tokenizer, args.requests, *lo_hi, args.seed)

@@ -22,7 +22,7 @@ import torch
 from benchmarks import common
 import costmodel
 from benchmarks.common import Run, engine_run, ints
-from engine import Engine, SpecArgs, pad_prompts
+from engine import Engine, SpecArgs, auto_attn, pad_prompts
 from checkpoint import load_model
 from spec import RowSampling, Sampling
 from tokenizer import load_tokenizer
@@ -249,7 +249,7 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if cuda else "cpu")
     p.add_argument("--dtype", default="bfloat16" if cuda else "float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--compile", action="store_true", help="as generate.py --compile")
-    p.add_argument("--attn", default="sdpa", choices=["sdpa", "flex", "flash"])
+    p.add_argument("--attn", default="auto", choices=["auto", "sdpa", "math", "flex", "flash"], help="auto: as generate.py's")
     p.add_argument("--batch_sizes", type=ints, default=[1, 8])
     p.add_argument("--prefixes", type=ints, default=[512, 4096], help="prompt lengths in tokens")
     p.add_argument("--budgets", type=ints, default=[64, 256], help="draft budgets")
@@ -272,6 +272,7 @@ def main(argv=None):
     if args.prompt_pool and any(args.prompt_pool % B for B in args.batch_sizes):
         p.error(f"--prompt_pool {args.prompt_pool} is not a multiple of every batch size {args.batch_sizes}")
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    args.attn = auto_attn(device, dtype, args.compile) if args.attn == "auto" else args.attn
     tok = load_tokenizer(args.checkpoint_path)
     model = load_model(args.checkpoint_path, device, dtype)
     draft_model = load_model(args.draft_checkpoint_path, device, dtype) if args.draft_checkpoint_path else None

@@ -5,7 +5,7 @@
 import pytest
 import torch
 
-from kv_cache import FLEX_BLOCK, DraftCache, DraftLayout, KVCache
+from kv_cache import FLEX_BLOCK, MATH_MAX_ROWS, DraftCache, DraftLayout, Explicit, KVCache
 from model import attend, flash_attn_with_kvcache
 
 B, HKV, D = 3, 2, 16
@@ -84,6 +84,31 @@ def test_flex_matches_sdpa_on_draft_cache(kind, T, g):
     want = attend_cache(ref, q, k, v, pos)
     got = compiled_attend_cache(flex, q, k, v, pos)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("T,g,compiled", [(1, 1, False), (5, 7, False), (1, 3, True), (5, 3, True)])
+def test_math_matches_sdpa(T, g, compiled):
+    """The math backend (softmax(QK^T)V written out) on ragged target rows and on both draft
+    caches, eager and compiled; a prefill-sized block falls back to SDPA's mask."""
+    torch.manual_seed(2)
+    ref, _, pos = target_pair(300, [0, 126, 300 - T], T, g)
+    caches = [(ref, KVCache(2, B, HKV, 300, D, dtype=torch.float32, device="cpu", attn="math", q_per_kv=g), pos)]
+    for kind in ("streaming", "snapkv"):
+        dref, _, dpos = draft_pair(kind, T, g)
+        layout = DraftLayout.of(kind, 24, 3, sinks=4, recent=12)
+        caches.append((dref, DraftCache(layout, 2, B, HKV, D, dtype=torch.float32, device="cpu", attn="math",
+                                        q_per_kv=g), dpos))
+    for want_cache, cache, p in caches:
+        for r, m in zip(want_cache.layers, cache.layers):
+            for name in ("k", "v", "slot_pos"):
+                getattr(m, name).copy_(getattr(r, name))
+        assert isinstance(cache.layers[0].update(p, *list(qkv(g, T))[1:])[2], Explicit)
+        q, k, v = qkv(g, T)
+        want = attend_cache(want_cache, q, k, v, p)
+        got = (compiled_attend_cache if compiled else attend_cache)(cache, q, k, v, p)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    long = torch.arange(MATH_MAX_ROWS // g + 1)[None].expand(B, -1)
+    assert not isinstance(caches[0][1].layers[0].update(long, *list(qkv(g, long.shape[1]))[1:])[2], Explicit)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -39,6 +39,8 @@ SETUPS = {
     "draft-streaming": ("aot_eager", DRAFT_STREAMING, "sdpa", Sampling(), 5),
     "draft-snapkv": ("aot_eager", DRAFT_SNAPKV, "sdpa", Sampling(), 5),
     "self-streaming-flex": ("inductor", STREAMING, "flex", Sampling(), 3),
+    "self-snapkv-math": ("inductor", SNAPKV, "math", Sampling(), 3),
+    "autoregressive-sampling-math": ("inductor", None, "math", SAMPLE, 2),
     "draft-snapkv-flex": ("inductor", DRAFT_SNAPKV, "flex", Sampling(), 5),
     # a scored verify (--draft_reselect) is one more step kind
     "self-snapkv-reselect": ("aot_eager", SNAPKV_RESELECT, "sdpa", Sampling(), 4),

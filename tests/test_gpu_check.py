@@ -42,6 +42,9 @@ def test_gpu_check_smoke_writes_every_field(tmp_path, smollm2_dir):
     assert sd["rows_equal"] == 1.0  # fp32 greedy: speculation gives the AR tokens
     assert rec["recompiles"] == 0 and not rec["skipped"]
     assert set(rec["stream"]["ratios"]) >= {"sd_continuous_over_sd_static", "sd_continuous_over_ar_continuous"}
+    assert {(r["mode"], r["slots"], r["rate"]) for r in rec["serving"]["runs"]} == {(m, 2, r) for m in ("ar", "sd")
+                                                                                   for r in (4.0, "inf")}
+    assert all(r["completed"] == r["requests"] for r in rec["serving"]["runs"]) and rec["serving"]["summary"]
     # a second run of one phase keeps the others' results
     r = subprocess.run(["bash", "scripts/gpu_check.sh", "--smoke", "--phases", "ratios", "--out", str(out)], cwd=REPO,
                        capture_output=True, text=True, timeout=600)

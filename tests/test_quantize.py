@@ -52,13 +52,14 @@ def test_kernel_equals_its_dequantized_reference(scheme, group_size, dtype, n, b
     b = torch.randn(n) if bias else None
     lin = QuantLinear(t, scheme, group_size, b, "cpu", dtype)
     x = torch.randn(2, 5, k).to(dtype)
-    # the reference in fp32 from the tensors the kernel holds (scales in the model's dtype)
-    ref_t = {s: v.to(dtype).float() if v.is_floating_point() else v for s, v in t.items()}
-    want = x.float() @ dequantize_weight(ref_t, scheme, group_size).T + (0 if b is None else b.to(dtype).float())
+    # the reference in fp32 from the tensors the kernel holds: on the CPU its activations and scales
+    # are bfloat16 whatever the model's dtype (the kernels' fast path), its output the model's dtype
+    ref_t = {s: v.to(torch.bfloat16).float() if v.is_floating_point() else v for s, v in t.items()}
+    want = x.to(torch.bfloat16).float() @ dequantize_weight(ref_t, scheme, group_size).T \
+        + (0 if b is None else b.to(dtype).float())
     got = lin(x)
     assert got.shape == (2, 5, n) and got.dtype == dtype
-    tol = 1e-4 if dtype == torch.float32 else 2e-2
-    assert torch.allclose(got.float(), want, rtol=tol, atol=tol * want.abs().max())
+    assert torch.allclose(got.float(), want, rtol=2e-2, atol=2e-2 * want.abs().max())
 
 
 @pytest.fixture(scope="module")

@@ -188,6 +188,6 @@ def test_memory_plan_counts_the_scoring_pass(tiny):
     plain = Engine(tiny[0], 3, MAX_SEQ, sa=spec_args("snapkv", 0)).plan
     scored = Engine(tiny[0], 3, MAX_SEQ, sa=spec_args("snapkv", 2)).plan
     extra = set(scored) - set(plain)
-    assert extra == {"scored verify's attention weights"}
-    assert scored["scored verify's attention weights"] == 3 * 4 * 4 * MAX_SEQ * (4 + 8)  # B (gamma+1) Hq S bytes
+    assert extra == {"one layer's attention weights"}
+    assert scored["one layer's attention weights"] == 3 * 4 * 4 * MAX_SEQ * (4 + 8)  # B (gamma+1) Hq S bytes
     assert json.dumps(scored) and math.isfinite(sum(scored.values()))
