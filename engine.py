@@ -740,6 +740,17 @@ def text_until_stop(text: str, stop) -> tuple:
 
 
 def device_name(device):
+    """The device as results name it: the GPU's name, or the CPU's model, its bf16 units and cores
+    (which precision and kernels run fastest differs between CPU models)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = dict(map(str.strip, line.split(":", 1)) for line in f.read().split("\n\n")[0].splitlines()
+                        if ":" in line)
+        model, flags = info.get("model name", model), set(info.get("flags", "").split())
+    except OSError:
+        pass
+    bf16 = "+".join(x for x in ("avx512_bf16", "amx_bf16") if x in flags)
+    return f"cpu: {model}{f' ({bf16})' if bf16 else ''}, {os.cpu_count()} cores"

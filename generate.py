@@ -79,7 +79,11 @@ def parser(serving=False, description="Batched autoregressive or MagicDec-style 
     p.add_argument("--top_p", type=float, default=1.0, help="in (0, 1], 1.0 = off")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on CUDA, float32 on CPU (on a 2-core AMX CPU float32 decodes 1.14-1.23x faster than bfloat16 at batch 1, bfloat16 1.22x faster at 8 x 4K: benchmarks/README.md)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="default: bfloat16 on CUDA, float32 on CPU, where greedy speculation equals autoregressive "
+                        "decoding bit for bit. bfloat16 is faster at 8 x 4K on every CPU measured; at batch 1 "
+                        "float32 was 1.14-1.23x faster on a Xeon with AMX and bfloat16 1.6-1.8x faster on an AMD "
+                        "EPYC (benchmarks/README.md)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile one transformer block that every layer and step reuses (on CUDA also "
                         "CUDA graphs of whole steps)")

@@ -12,7 +12,6 @@
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from model import run_block
 
@@ -54,10 +53,18 @@ class RowSampling:
         return self.temperature, self.top_k, self.top_p
 
 
-def logits_to_probs(logits: torch.Tensor, rs: RowSampling) -> torch.Tensor:
+DRAFT_CANDIDATES = 1024  # a draft's top-k / top-p filter ranks only its most likely tokens
+
+
+def logits_to_probs(logits: torch.Tensor, rs: RowSampling, candidates: int = 0) -> torch.Tensor:
     """[B, ..., V] fp32 logits -> the distributions tokens are drawn from, each row with its own
-    temperature, top-k and top-p (one-hot on the argmax for a greedy row)."""
-    one_hot = F.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype)
+    temperature, top-k and top-p (one-hot on the argmax for a greedy row). candidates > 0: top-k and
+    top-p rank only the `candidates` most likely tokens (torch.topk, not a sort of the whole
+    vocabulary, which on a CPU costs more than a draft step) and drop the rest, which is the exact
+    filter wherever the kept tokens are among them. A draft's distribution may be any one it
+    samples from (rejection sampling keeps the target's distribution whatever the draft's), so
+    drafts use it; the target's distribution is always exact."""
+    one_hot = torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
     if rs.kind == "greedy":
         return one_hot
     per_row = lambda t: t.view(-1, *[1] * (logits.dim() - 1))  # noqa: E731  [B] -> [B, 1, ..., 1]
@@ -67,17 +74,19 @@ def logits_to_probs(logits: torch.Tensor, rs: RowSampling) -> torch.Tensor:
     logits = (logits - logits.amax(-1, keepdim=True)) / per_row(torch.where(rs.temperature == 0, 1.0, rs.temperature))
     if rs.kind == "filtered":
         V = logits.shape[-1]
-        sorted_logits, order = logits.sort(-1, descending=True)
+        n_ranked = min(candidates or V, V)
+        sorted_logits, order = logits.topk(n_ranked, -1) if n_ranked < V else logits.sort(-1, descending=True)
         # top-k: drop what ranks below the k-th value (ties with it stay)
-        k = per_row(torch.where(rs.top_k > 0, rs.top_k.clamp(max=V), V) - 1)
+        k = per_row(torch.where(rs.top_k > 0, rs.top_k.clamp(max=n_ranked), n_ranked) - 1)
         kth = sorted_logits.gather(-1, k.expand(*logits.shape[:-1], 1))
         sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
         # top-p, over what top-k kept: drop a token when the tokens ranked above it already reach
         # top_p (the first always stays)
         sorted_probs = sorted_logits.softmax(-1)
         drop_sorted = (sorted_probs.cumsum(-1) - sorted_probs >= per_row(rs.top_p)) & per_row(rs.top_p < 1)
-        drop_sorted |= sorted_logits == float("-inf")
-        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+        keep_sorted = ~drop_sorted & (sorted_logits > float("-inf"))
+        keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, order, keep_sorted)  # unranked: dropped
+        logits = logits.masked_fill(~keep, float("-inf"))
     return torch.where(greedy, one_hot, logits.softmax(-1))
 
 
@@ -112,7 +121,7 @@ def draft_step(draft_model, draft_cache, tokens, input_pos, rs: RowSampling, blo
     logits = draft_model(tokens, input_pos, draft_cache, block=block)[:, -1]
     if rs.kind == "greedy":
         return logits.argmax(-1), None
-    q = logits_to_probs(logits, rs)
+    q = logits_to_probs(logits, rs, candidates=DRAFT_CANDIDATES)
     return where_greedy(rs, logits.argmax(-1), sample(q)), q
 
 

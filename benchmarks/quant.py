@@ -5,6 +5,7 @@ self-speculation draft, and what quantization costs in quality.
     python -m benchmarks.quant sd       # self-speculation with a dense, int8 and int4 draft, against AR
     python -m benchmarks.quant quality  # greedy agreement with the dense model, perplexity on held-out essays
     python -m benchmarks.quant kernels  # each matrix shape alone: bf16, this engine's int8 / int4, torchao's
+    python -m benchmarks.quant profile  # where a compiled decode step's time goes, per scheme (torch.profiler)
 
 Every configuration runs once per cycle and ratios are taken within a cycle (the machine's speed
 drifts), then the median over cycles. llama.cpp (the llama-cpp-python package) runs the same
@@ -250,9 +251,38 @@ def kernels(a, tokenizer):
     return dict(kernels=rows, per_forward_s=per_forward)
 
 
+@torch.no_grad()
+def profile(a, tokenizer):
+    """One compiled decode step per scheme and shape, after warm-up: its median time, then the self
+    CPU time per op over --steps profiled steps, per step, largest first (what the step spends on
+    matmuls, attention, the compiled block's own kernels and its Dynamo guards and wrappers)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from spec import RowSampling
+    ms, rows = models(a, a.schemes), []
+    for B, S in shapes(a.shapes):
+        for name, m in ms.items():
+            engine = Engine(m, B, S + 8, compile=a.compile, attn=attn_for(a, m))
+            engine.prefill(torch.randint(0, 1000, (B, S)), torch.full((B,), S))
+            cur, pos, greedy = torch.ones(B, dtype=torch.long), torch.full((B,), S), RowSampling.of(Sampling(), B, "cpu")
+            step_s = costmodel.median_time(lambda: engine.decode(cur, pos, greedy), "cpu", 20, warmup=3)
+            with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(a.steps):
+                    engine.decode(cur, pos, greedy)
+            ops = sorted(((e.key, e.self_cpu_time_total / a.steps / 1e3, e.count // a.steps) for e in prof.key_averages()),
+                         key=lambda x: -x[1])
+            top = [dict(op=k, ms_per_step=t, calls_per_step=c) for k, t, c in ops[:12]]
+            rows.append(dict(B=B, S=S, scheme=name, attn=engine.attn, step_ms=step_s * 1e3, top_ops=top))
+            print(f"{B}x{S} {name}: step {step_s * 1e3:.1f} ms; " + ", ".join(
+                f"{x['op'][:40]} {x['ms_per_step']:.2f} ms ({x['calls_per_step']})" for x in top[:6]), flush=True)
+            del engine
+    return dict(profile=rows)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["ar", "sd", "quality", "kernels"])
+    p.add_argument("what", choices=["ar", "sd", "quality", "kernels", "profile"])
     p.add_argument("--checkpoint_path", default=common.SMOLLM2)
     p.add_argument("--schemes", default=None,
                    help="fp32, bf16, int8, int4:GROUP, each quantized one also with -dense_output; the first is what "
@@ -268,6 +298,7 @@ def main(argv=None):
     p.add_argument("--ppl_chunks", type=int, default=8)
     p.add_argument("--ppl_len", type=int, default=1024)
     p.add_argument("--cycles", type=int, default=2)
+    p.add_argument("--steps", type=int, default=10, help="profile: decode steps profiled")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--attn", default="auto", choices=["auto", "sdpa", "math"],
                    help="auto: as generate.py's for each scheme's dtype (bfloat16: math when compiled)")
@@ -275,15 +306,15 @@ def main(argv=None):
                    help="where the requantized GGUFs are kept")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
-    a.schemes = (a.schemes or dict(ar="bf16,int8,int4:64,fp32", sd="bf16,int8,int4:64", kernels="",
+    a.schemes = (a.schemes or dict(ar="bf16,int8,int4:64,fp32", sd="bf16,int8,int4:64", kernels="", profile="bf16,int8,int4:32",
                                    quality="bf16,int8,int4:64,int4:32,int8-dense_output,int4:64-dense_output")[a.what]
                  ).split(",")
-    a.shapes = a.shapes or ("1x512,1x4096,8x4096" if a.what == "ar" else "1x4096,8x4096")
+    a.shapes = a.shapes or dict(ar="1x512,1x4096,8x4096", profile="1x512").get(a.what, "1x4096,8x4096")
     a.new_tokens = a.new_tokens or (128 if a.what == "ar" else 256)
     a.json = a.json or f"{common.RESULTS}/quant-{a.what}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     torch.set_grad_enabled(False)
     tokenizer = load_tokenizer(a.checkpoint_path)
-    out = dict(ar=ar, sd=sd, quality=quality, kernels=kernels)[a.what](a, tokenizer)
+    out = dict(ar=ar, sd=sd, quality=quality, kernels=kernels, profile=profile)[a.what](a, tokenizer)
     common.write_json(a.json, dict(env=common.environment("cpu"), settings=vars(a), **out))
 
 

@@ -157,3 +157,35 @@ def test_serving(tiny_checkpoint, tmp_path):
         assert (r["acceptance"] is None) == (r["mode"] == "ar") and (r["mode"] == "ar" or 0 <= r["acceptance"] <= 1)
     assert all(row["sd_over_ar_tokens_per_s"] > 0 for row in data["summary"])
     assert os.path.getsize(tmp_path / "serving_throughput_vs_tpot.png") > 0
+
+
+def test_attention_backends(smollm2_dir, tmp_path):
+    """steps and e2e with two backends on tiny shapes: every step and mode timed per backend, ratios
+    over the first backend present; in fp32 both backends' greedy SD rows have the same acceptance."""
+    from benchmarks import attention
+    steps = str(tmp_path / "steps.json")
+    attention.main(["steps", "--shapes", "float32:2:64", "--backends", "sdpa,math", "--cycles", "1", "--repeats", "1",
+                    "--budget", "24", "--no-compile", "--json", steps])
+    [row] = read(steps)["steps"]
+    assert set(row["ms"]) == {f"{b} {w}" for b in ("sdpa", "math") for w in ("decode", "verify", "draft")}
+    assert all(v > 0 for v in row["ms"].values()) and set(row["ratios"]) == {f"math/sdpa {w}" for w in
+                                                                              ("decode", "verify", "draft")}
+    e2e = str(tmp_path / "e2e.json")
+    attention.main(["e2e", "--checkpoint_path", smollm2_dir, "--shapes", "float32:2:64", "--backends", "sdpa,math",
+                    "--cycles", "1", "--new_tokens", "6", "--budget", "24", "--gamma", "2", "--no-compile",
+                    "--json", e2e])
+    [row] = read(e2e)["e2e"]
+    assert {(r["attn"], r["mode"]) for r in row["runs"]} == {(b, m) for b in ("sdpa", "math") for m in ("ar", "sd")}
+    sd = [r["acceptance"] for r in row["runs"] if r["mode"] == "sd"]
+    assert len(sd) == 2 and abs(sd[0] - sd[1]) < 0.1
+    assert set(row["ratios"]) == {"sdpa sd/ar", "math sd/ar", "math/sdpa ar", "math/sdpa sd"}
+
+
+def test_quant_profile(smollm2_dir, tmp_path):
+    from benchmarks import quant
+    path = str(tmp_path / "profile.json")
+    quant.main(["profile", "--checkpoint_path", smollm2_dir, "--schemes", "bf16,int8", "--shapes", "1x32",
+                "--steps", "2", "--no-compile", "--json", path])
+    rows = read(path)["profile"]
+    assert [r["scheme"] for r in rows] == ["bf16", "int8"] and all(r["step_ms"] > 0 and r["top_ops"] for r in rows)
+    assert any("int8pack" in op["op"] for op in rows[1]["top_ops"])  # the int8 step runs the int8 kernel

@@ -197,34 +197,52 @@ def test_each_row_samples_with_its_own_settings(kind):
             assert torch.allclose(p[t], reference_probs(row[t], x), atol=1e-6), (x, t)
 
 
+def _one_round(target, prompt, n, sa, settings):
+    """n rows of one prompt, row i sampling as settings[i % len(settings)]: prefill, then one round
+    -> (emitted, n_emit, the target's distribution of each setting at the first new position)."""
+    engine = Engine(target, n, MAX_SEQ, sa=sa)
+    tokens, lens = pad_prompts([prompt] * n, "cpu")
+    first = engine.prefill(tokens, lens).argmax(-1)
+    if sa.mode != "none":
+        engine.setup_draft(tokens, lens)
+    rows, eos = Rows.empty(n, 20, 4, "cpu"), torch.tensor([-1])
+    for i, setting in enumerate(settings):
+        idx = torch.arange(i, n, len(settings))
+        rows.start(idx, lens[idx], tokens[idx, len(prompt) - 1], first[idx], torch.full((len(idx),), 20), eos, setting)
+    history = prompt + [int(first[0])]
+    full = KVCache(3, 1, 2, MAX_SEQ, 16, dtype=torch.float32, device="cpu")
+    logits = target(torch.tensor([history]), torch.arange(len(history))[None], full)[0, -1]
+    kind = max((x.kind for x in settings), key=spec.KINDS.index)
+    torch.manual_seed(0)
+    emitted, n_emit = decode_round(engine, rows, 3, kind, eos)
+    return emitted, n_emit, [probs(logits, x) for x in settings]
+
+
 @pytest.mark.parametrize("mode", ["none", "self"])
 def test_greedy_and_sampled_rows_share_a_round(tiny, tiny_prompts, ar, mode):
     """In one round, greedy rows emit exactly their autoregressive tokens while the sampled rows
     beside them follow the target's distribution of their own setting (chi-square)."""
-    target, n = tiny[0], 4096
     sa = SpecArgs(mode, gamma=3, draft_kv="streaming", draft_budget=24, sinks=4)
-    engine = Engine(target, n, MAX_SEQ, sa=sa)
-    prompt = tiny_prompts[1]
-    tokens, lens = pad_prompts([prompt] * n, "cpu")
-    first = engine.prefill(tokens, lens).argmax(-1)
-    if mode != "none":
-        engine.setup_draft(tokens, lens)
-    rows, eos = Rows.empty(n, 20, 4, "cpu"), torch.tensor([-1])
-    s = Sampling(temperature=1.5, top_k=20)
-    sampled = torch.arange(n) % 2 == 1
-    for mine, setting in ((~sampled, Sampling()), (sampled, s)):
-        idx = torch.arange(n)[mine]
-        rows.start(idx, lens[idx], tokens[idx, len(prompt) - 1], first[idx], torch.full((len(idx),), 20), eos, setting)
-    history = prompt + [int(first[0])]
-    full = KVCache(3, 1, 2, MAX_SEQ, 16, dtype=torch.float32, device="cpu")
-    p = probs(target(torch.tensor([history]), torch.arange(len(history))[None], full)[0, -1], s)
-    torch.manual_seed(0)
-    emitted, n_emit = decode_round(engine, rows, 3, s.kind, eos)
-    greedy_rows = ~sampled
+    emitted, n_emit, (_, p) = _one_round(tiny[0], tiny_prompts[1], 4096, sa, [Sampling(), Sampling(1.5, top_k=20)])
+    greedy_rows = torch.arange(4096) % 2 == 0
     assert (n_emit[greedy_rows] == n_emit[greedy_rows][0]).all()
     k = int(n_emit[greedy_rows][0])
     assert (emitted[greedy_rows, :k] == torch.tensor(ar[1][1:1 + k])).all()
-    ok, stat, limit = _chi2_ok(emitted[sampled, 0], p)
+    ok, stat, limit = _chi2_ok(emitted[~greedy_rows, 0], p)
+    assert ok, f"chi2 {stat:.1f} >= {limit:.1f}"
+
+
+def test_a_draft_filtered_among_fewer_candidates_keeps_the_target_distribution(tiny, tiny_prompts, monkeypatch):
+    """The draft's top-k / top-p rank only spec.DRAFT_CANDIDATES tokens: with 4 of them its
+    distribution leaves out tokens the target's top-p keeps, and speculation still samples exactly
+    the target's filtered distribution."""
+    monkeypatch.setattr(spec, "DRAFT_CANDIDATES", 4)
+    s = Sampling(1.5, top_p=0.9)
+    sa = SpecArgs("self", gamma=3, draft_kv="streaming", draft_budget=24, sinks=4)
+    emitted, n_emit, (p,) = _one_round(tiny[0], tiny_prompts[1], 4096, sa, [s])
+    assert int((p > 0).sum()) > 4  # the target keeps more than the draft ranks
+    assert 0 < (n_emit - 1).sum() < 3 * 4096  # drafts were kept, and rejected
+    ok, stat, limit = _chi2_ok(emitted[:, 0], p)
     assert ok, f"chi2 {stat:.1f} >= {limit:.1f}"
 
 
