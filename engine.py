@@ -22,7 +22,7 @@ import costmodel
 import spec
 from kv_cache import DraftCache, DraftLayout, KVCache, Reselect, check_fits, full_slots, kv_bytes, snapkv_scores
 from model import ModelArgs, Transformer, run_block
-from spec import KINDS, RowSampling, Sampling
+from spec import RowSampling, Sampling, widest_kind
 
 RECOMPILE_LIMIT = 64  # graphs of the one shared block: every step kind, shape and gamma is one more
 
@@ -716,7 +716,7 @@ def serve(engine: Engine, requests, eos_ids, s: Sampling, on_finish, *, on_token
             if queue.exhausted():
                 break
             continue
-        kind = max(((x.req.sampling or s).kind for x in slots if x is not None), key=KINDS.index)
+        kind = widest_kind(x.req.sampling or s for x in slots if x is not None)
         if sa.planner is not None and not calibrated:
             gamma, calibrated = calibrate_gamma(engine, rows.pos, replace(rows.sampling, kind=kind)), True
         emitted, n_emit = decode_round(engine, rows, gamma, kind, eos, sa.scored(rounds))

@@ -31,6 +31,11 @@ class Sampling:
 KINDS = ("greedy", "sampled", "filtered")  # each kind covers the ones before it
 
 
+def widest_kind(settings) -> str:
+    """The kind a step must be specialized on to serve every one of these Sampling settings."""
+    return max((s.kind for s in settings), key=KINDS.index)
+
+
 @dataclass
 class RowSampling:
     """Every row's sampling settings as device tensors [B], so that the rows of one batch (the
@@ -60,7 +65,7 @@ def logits_to_probs(logits: torch.Tensor, rs: RowSampling, candidates: int = 0) 
     """[B, ..., V] fp32 logits -> the distributions tokens are drawn from, each row with its own
     temperature, top-k and top-p (one-hot on the argmax for a greedy row). candidates > 0: top-k and
     top-p rank only the `candidates` most likely tokens (torch.topk, not a sort of the whole
-    vocabulary, which on a CPU costs more than a draft step) and drop the rest, which is the exact
+    vocabulary, which at 8 rows on a CPU costs about as much as a draft step) and drop the rest, which is the exact
     filter wherever the kept tokens are among them. A draft's distribution may be any one it
     samples from (rejection sampling keeps the target's distribution whatever the draft's), so
     drafts use it; the target's distribution is always exact."""

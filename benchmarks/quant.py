@@ -29,7 +29,7 @@ from checkpoint import load_model
 from engine import Engine, SpecArgs, auto_attn, generate
 from kv_cache import KVCache
 from model import quantize, quantized_copy
-from spec import Sampling
+from spec import RowSampling, Sampling
 from tokenizer import load_tokenizer
 
 LLAMA_CPP_CLASS = {"bf16": "BF16", "int8": "Q8_0", "int4": "Q4_0"}  # fp32 has no llama.cpp row
@@ -259,7 +259,6 @@ def profile(a, tokenizer):
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    from spec import RowSampling
     ms, rows = models(a, a.schemes), []
     for B, S in shapes(a.shapes):
         for name, m in ms.items():

@@ -212,7 +212,7 @@ def _one_round(target, prompt, n, sa, settings):
     history = prompt + [int(first[0])]
     full = KVCache(3, 1, 2, MAX_SEQ, 16, dtype=torch.float32, device="cpu")
     logits = target(torch.tensor([history]), torch.arange(len(history))[None], full)[0, -1]
-    kind = max((x.kind for x in settings), key=spec.KINDS.index)
+    kind = spec.widest_kind(settings)
     torch.manual_seed(0)
     emitted, n_emit = decode_round(engine, rows, 3, kind, eos)
     return emitted, n_emit, [probs(logits, x) for x in settings]
